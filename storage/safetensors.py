@@ -1,0 +1,247 @@
+"""Read safetensors headers and tensors without mmap, and write shards by streaming.
+
+Reading uses plain positioned reads into fresh buffers instead of safetensors'
+mmap, so pages of a shard do not stay resident while the rest of it is
+processed: memory is bounded by the largest tensor, not by the shard.
+
+Writing follows the safetensors layout (8-byte little-endian header length,
+JSON header padded with spaces to 8 bytes, then the data) but plans the whole
+header from shapes first, so every tensor can be written at its final offset
+as soon as it is produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from tasks.errors import PtqflowError
+
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+MAX_HEADER = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file (offsets relative to the data start)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorInfo]
+    data_start: int
+    file_size: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a planned output shard."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype].itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(f: BinaryIO, file_size: int, label: str) -> Header:
+    """Parse and check a safetensors header; `label` names the file in errors."""
+
+    def corrupt(why: str) -> PtqflowError:
+        return PtqflowError(
+            f"{label} is not a valid safetensors file ({why}). "
+            "Re-download or re-create it, then run again."
+        )
+
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise corrupt("shorter than 8 bytes")
+    (n,) = struct.unpack("<Q", raw)
+    if n > MAX_HEADER or 8 + n > file_size:
+        raise corrupt(f"header length {n} does not fit in {file_size} bytes")
+    try:
+        meta = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise corrupt(f"header is not JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise corrupt("header is not a JSON object")
+    meta.pop("__metadata__", None)
+    data_start = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    end = 0
+    for name, entry in meta.items():
+        try:
+            dtype, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
+            start, stop = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"bad header entry for tensor {name!r}") from None
+        if dtype not in DTYPES:
+            raise corrupt(f"tensor {name!r} has unknown dtype {dtype}")
+        info = TensorInfo(dtype, shape, start, stop)
+        expected = info.itemsize
+        for d in shape:
+            expected *= d
+        if stop - start != expected or start < 0:
+            raise corrupt(f"tensor {name!r} offsets do not match its shape")
+        tensors[name] = info
+        end = max(end, stop)
+    if data_start + end > file_size:
+        raise corrupt(f"truncated: tensors need {data_start + end} bytes, the file has {file_size}")
+    return Header(tensors, data_start, file_size)
+
+
+def read_file_header(path: str | os.PathLike, label: str | None = None) -> Header:
+    with open(path, "rb") as f:
+        return read_header(f, os.fstat(f.fileno()).st_size, label or str(path))
+
+
+def read_tensor(
+    f: BinaryIO, start: int, stop: int, dtype: str, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Read the bytes [start, stop) of an open file into a new CPU tensor."""
+    buf = bytearray(stop - start)
+    f.seek(start)
+    got = f.readinto(buf)
+    if got != len(buf):
+        raise PtqflowError(
+            f"{getattr(f, 'path', getattr(f, 'name', 'a source file'))} ended early "
+            f"({got} of {len(buf)} bytes at offset {start}); was it modified during the run?"
+        )
+    if not buf:
+        return torch.empty(shape, dtype=DTYPES[dtype])
+    return torch.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
+
+
+def layout(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int]]:
+    """Header bytes and data offset of each tensor, in safetensors' order.
+
+    Tensors are laid out by decreasing item size, then name, as safetensors
+    does, so every tensor is aligned to its element size.
+    """
+    ordered = sorted(specs, key=lambda s: (-DTYPES[s.dtype].itemsize, s.name))
+    meta: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offsets: dict[str, int] = {}
+    pos = 0
+    for s in ordered:
+        offsets[s.name] = pos
+        meta[s.name] = {
+            "dtype": s.dtype,
+            "shape": list(s.shape),
+            "data_offsets": [pos, pos + s.nbytes],
+        }
+        pos += s.nbytes
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, offsets
+
+
+class ShardWriter:
+    """Write one safetensors shard whose header is planned before any data exists.
+
+    Data goes to ``<name>.partial`` beside the target; `close` checks that every
+    planned tensor was written, fsyncs and renames, so a shard file under its
+    final name is always complete.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: list[TensorSpec]):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        self.specs = {s.name: s for s in specs}
+        header, self.offsets = layout(specs)
+        self.data_start = len(header)
+        self.size = self.data_start + sum(s.nbytes for s in specs)
+        self.pending = set(self.specs)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.tmp, "wb")
+        self.f.write(header)
+        self.f.truncate(self.size)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs.get(name)
+        if spec is None or name not in self.pending:
+            raise RuntimeError(f"{name} is not planned for {self.path.name} or was written twice")
+        got = (DTYPE_NAMES.get(tensor.dtype), tuple(tensor.shape))
+        if got != (spec.dtype, spec.shape):
+            raise RuntimeError(
+                f"{name}: produced {got}, planned {(spec.dtype, spec.shape)} for {self.path.name}"
+            )
+        self.f.seek(self.data_start + self.offsets[name])
+        if spec.nbytes:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self.f.write(memoryview(data.numpy()))
+        self.pending.discard(name)
+
+    def close(self) -> None:
+        if self.pending:
+            missing = ", ".join(sorted(self.pending)[:5])
+            self.abort()
+            raise RuntimeError(f"{self.path.name}: tensors never produced: {missing}")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

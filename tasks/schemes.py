@@ -1,0 +1,163 @@
+"""Turn a preset name or a config file into a validated compressed-tensors QuantizationConfig."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tasks.errors import PtqflowError
+
+# Weight observers that all reduce to "min and max of the weight" for a single
+# observation, which is what model-free PTQ computes.
+MINMAX_OBSERVERS = (None, "minmax", "static_minmax", "memoryless_minmax")
+
+
+def data_free_presets() -> list[str]:
+    """Preset names of compressed-tensors that need no calibration data."""
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    return [
+        name
+        for name, args in PRESET_SCHEMES.items()
+        if args.get("weights") is not None and _static_activation(args) is None
+    ]
+
+
+def _static_activation(args: dict) -> str | None:
+    for key in ("input_activations", "output_activations"):
+        act = args.get(key)
+        if act is not None and act.dynamic is not True:
+            return key
+    return None
+
+
+def load_config_file(path: str | Path):
+    """Read a QuantizationConfig from YAML or JSON (a bare config or a config.json)."""
+    import yaml
+    from compressed_tensors.quantization import QuantizationConfig
+    from pydantic import ValidationError
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise PtqflowError(f"cannot read config file {p}: {e.strerror}") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise PtqflowError(f"config file {p} does not parse: {e}") from None
+    if isinstance(data, dict) and "quantization_config" in data:
+        data = data["quantization_config"]
+    if not isinstance(data, dict) or "config_groups" not in data:
+        raise PtqflowError(
+            f"config file {p} must hold a compressed-tensors QuantizationConfig "
+            "(a mapping with config_groups)"
+        )
+    data = {k: v for k, v in data.items() if k not in ("version", "quant_method")}
+    try:
+        return QuantizationConfig.model_validate(data)
+    except ValidationError as e:
+        raise PtqflowError(f"config file {p} is not a valid QuantizationConfig:\n{e}") from None
+
+
+def resolve_config(scheme=None, config=None, ignore: Iterable[str] = ()):
+    """The QuantizationConfig to apply, from a preset name / scheme or a config.
+
+    `config` may be a QuantizationConfig, a dict, or a path to a YAML/JSON file.
+    Schemes that need calibration are refused here, before any work.
+    """
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        preset_name_to_scheme,
+    )
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    if (scheme is None) == (config is None):
+        raise PtqflowError("give exactly one of --scheme or --config")
+    if scheme is not None:
+        if isinstance(scheme, QuantizationScheme):
+            name, resolved = "config_group_0", scheme.model_copy(deep=True)
+        else:
+            name = str(scheme).upper()
+            if name not in PRESET_SCHEMES:
+                raise PtqflowError(
+                    f"unknown scheme {scheme!r}; valid schemes: {', '.join(data_free_presets())}"
+                )
+            _refuse_calibrated(name, PRESET_SCHEMES[name])
+            resolved = preset_name_to_scheme(name, [])
+        config = QuantizationConfig(
+            config_groups={name: resolved},
+            quantization_status=QuantizationStatus.INITIALIZED,
+            ignore=list(ignore),
+        )
+    else:
+        if isinstance(config, (str, Path)):
+            config = load_config_file(config)
+        elif isinstance(config, dict):
+            config = QuantizationConfig.model_validate(config)
+        else:
+            config = config.model_copy(deep=True)
+        config.ignore = list(config.ignore or []) + list(ignore)
+        if config.kv_cache_scheme is not None:
+            raise PtqflowError(
+                "kv_cache_scheme needs calibrated KV-cache scales, which model-free "
+                "quantization cannot produce; remove it from the config"
+            )
+    for group, sch in config.config_groups.items():
+        _check_scheme(group, sch)
+    return config
+
+
+def _refuse_calibrated(name: str, args: dict) -> None:
+    if args.get("weights") is None:
+        raise PtqflowError(
+            f"scheme {name} quantizes nothing; valid schemes: {', '.join(data_free_presets())}"
+        )
+    which = _static_activation(args)
+    if which is not None:
+        instead = {"FP8": "FP8_DYNAMIC or FP8_BLOCK", "NVFP4": "NVFP4A16"}.get(
+            name, "a weight-only (A16) or dynamic-activation scheme"
+        )
+        raise PtqflowError(
+            f"scheme {name} needs calibrated static {which.replace('_', ' ')} scales, "
+            "and model-free quantization has no calibration data. "
+            f"Use {instead} instead, or llm-compressor's oneshot with a dataset."
+        )
+
+
+def _check_scheme(group: str, scheme) -> None:
+    if scheme.weights is None:
+        raise PtqflowError(f"config group {group!r} has no weights scheme; nothing to quantize")
+    which = _static_activation(
+        {
+            "input_activations": scheme.input_activations,
+            "output_activations": scheme.output_activations,
+        }
+    )
+    if which is not None:
+        raise PtqflowError(
+            f"config group {group!r} asks for static {which.replace('_', ' ')}, which "
+            "needs calibration data; make them dynamic or drop them"
+        )
+    if scheme.weights.observer not in MINMAX_OBSERVERS:
+        raise PtqflowError(
+            f"config group {group!r} uses weight observer {scheme.weights.observer!r}; "
+            "model-free quantization supports only min-max observers"
+        )
+    if scheme.weights.actorder is not None:
+        raise PtqflowError(
+            f"config group {group!r} sets actorder, which needs GPTQ calibration; remove it"
+        )
+    if not scheme.targets:
+        scheme.targets = ["Linear"]
+
+
+def scheme_format(scheme) -> str:
+    """The compressed-tensors format name that will compress `scheme` on a Linear layer."""
+    import torch
+    from compressed_tensors.compressors.format import infer_module_format
+
+    return scheme.format or infer_module_format(torch.nn.Linear, scheme).value
