@@ -88,7 +88,7 @@ def quantize_weights(weights: list[torch.Tensor], scheme) -> list[Tensors]:
     return out
 
 
-def quantize_shard(
+def write_shard(
     shard: ShardPlan,
     source: Folder,
     dest: Path,

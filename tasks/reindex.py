@@ -12,7 +12,6 @@ import json
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from storage.safetensors import FLOAT_DTYPES, Header, TensorSpec, read_header
 from storage.source import Folder
@@ -374,20 +373,6 @@ def _config_dict(config) -> dict:
         format=formats.pop() if len(formats) == 1 else "mixed-precision",
     )
     return {"version": __version__, **final.model_dump()}
-
-
-def reindex_checkpoint(source: str | Folder, dest: str | Path, num_workers: int = 1) -> list[dict]:
-    """Rewrite SOURCE so every fused set lives in one shard; tensors are copied bit for bit."""
-    from tasks.finalize import finalize
-    from tasks.quantize import quantize_shard
-
-    folder = source if isinstance(source, Folder) else Folder(str(source))
-    plan = reindex_plan(load_source(folder))
-    dest = Path(dest)
-    with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        manifests = list(pool.map(lambda s: quantize_shard(s, folder, dest, {}), plan.shards))
-    finalize(plan, folder, dest, manifests)
-    return manifests
 
 
 def reindex_plan(src: Source) -> Plan:

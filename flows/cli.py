@@ -1,0 +1,153 @@
+"""`ptqflow` command line: quantize, plan, reindex-fused-weights.
+
+Heavy modules (torch, prefect, compressed-tensors) are imported inside the
+commands, so `ptqflow --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tasks.errors import PtqflowError
+
+
+def _scheme_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--scheme", help="compressed-tensors preset, e.g. FP8_BLOCK, NVFP4A16, W4A16")
+    g.add_argument("--config", help="YAML/JSON QuantizationConfig with config_groups")
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="module name or 're:' regex to leave unquantized (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ptqflow",
+        description="Quantize LLM safetensors checkpoints into compressed-tensors format.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize SOURCE into DEST (flow quantize-checkpoint)")
+    q.add_argument("source", help="checkpoint folder or fsspec URL")
+    q.add_argument("dest", help="output folder")
+    _scheme_args(q)
+    q.add_argument("--max-workers", type=int, default=1, help="shards processed in parallel")
+    q.add_argument("--device", help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
+    q.add_argument("--overwrite", action="store_true", help="delete what DEST holds first")
+    q.add_argument(
+        "--include-other-weights",
+        action="store_true",
+        help="also copy *.bin / *.pth / original/ weight files",
+    )
+
+    p = sub.add_parser("plan", help="dry run: read headers, show what would be done")
+    p.add_argument("source")
+    _scheme_args(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    r = sub.add_parser(
+        "reindex-fused-weights", help="rewrite SOURCE so fused sets (q/k/v, gate/up) share a shard"
+    )
+    r.add_argument("source")
+    r.add_argument("dest")
+    r.add_argument("--num-workers", type=int, default=1)
+    r.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from flows.quantize import run_quantize
+    from tasks.reindex import plan_checkpoint
+    from tasks.schemes import resolve_config
+
+    # Check everything that can be checked from headers before Prefect starts.
+    plan_checkpoint(a.source, resolve_config(a.scheme, a.config, a.ignore))
+    result = run_quantize(
+        max_workers=a.max_workers,
+        source=a.source,
+        destination=a.dest,
+        scheme=a.scheme,
+        config=a.config,
+        ignore=a.ignore,
+        device=a.device,
+        overwrite=a.overwrite,
+        include_other_weights=a.include_other_weights,
+    )
+    print(f"wrote {len(result['shards'])} shard(s) to {result['destination']}")
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from tasks.reindex import plan_checkpoint
+    from tasks.schemes import resolve_config
+
+    plan, report = plan_checkpoint(
+        a.source, resolve_config(a.scheme, a.config, a.ignore), strict=False
+    )
+    if a.json:
+        print(
+            json.dumps(
+                {
+                    "shards": report.counts,
+                    "output_bytes": plan.total_size,
+                    "problems": report.problems,
+                    "suggested_ignore": report.suggestions,
+                    "callouts": report.callouts,
+                },
+                indent=2,
+            )
+        )
+        return 1 if report.problems else 0
+    print(f"{'shard':<40} {'quantized':>9} {'ignored':>8} {'kept':>6} {'output MB':>10}")
+    for s in plan.shards:
+        c = report.counts[s.name]
+        print(
+            f"{s.name:<40} {c['quantized']:>9} {c['ignored']:>8} {c['kept']:>6} "
+            f"{s.nbytes / 1e6:>10.1f}"
+        )
+    print(
+        f"predicted output size: {plan.total_size / 1e9:.3f} GB "
+        f"({len(plan.shards)} shards, {len(plan.other_files)} other files)"
+    )
+    for line in report.callouts:
+        print(f"note: {line}")
+    for line in report.problems:
+        print(f"problem: {line}")
+    if report.suggestions:
+        print("suggested: " + " ".join(f"--ignore '{p}'" for p in report.suggestions))
+    return 1 if report.problems else 0
+
+
+def cmd_reindex(a: argparse.Namespace) -> int:
+    from flows.reindex import run_reindex
+
+    result = run_reindex(a.source, a.dest, a.num_workers, a.overwrite)
+    print(f"wrote {len(result['shards'])} shard(s) to {result['destination']}")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "plan": cmd_plan, "reindex-fused-weights": cmd_reindex}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except PtqflowError as e:
+        print(f"ptqflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ptqflow: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
