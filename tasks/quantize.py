@@ -132,4 +132,11 @@ def meta_outputs(shape: tuple[int, ...], dtype: str, scheme) -> list[tuple[str, 
     """
     weight = torch.empty(shape, dtype=DTYPES[dtype], device="meta")
     (state,) = quantize_weights([weight], scheme)
+    zero_point = state.get("weight_zero_point")
+    if "weight_packed" in state and zero_point is not None and zero_point.dtype != torch.int32:
+        # pack-quantized returns early on meta, before it packs an asymmetric zero point
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        zeros = torch.zeros(zero_point.shape, dtype=zero_point.dtype)
+        state["weight_zero_point"] = pack_to_int32(zeros, scheme.weights.num_bits, packed_dim=0)
     return [(k, DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in sorted(state.items())]
