@@ -47,10 +47,9 @@ def fuse_experts(weights: dict, state: dict) -> dict:
         prefix, _, param = key.rpartition(".experts.")
         if param == "gate_up_proj":
             n = state[key].shape[0]
-            out[key] = torch.stack([
-                torch.cat([weights[f"{prefix}.experts.{e}.{p}.weight"] for p in ("gate_proj", "up_proj")])
-                for e in range(n)
-            ])  # fmt: skip
+            pair = [[weights[f"{prefix}.experts.{e}.{p}.weight"] for p in ("gate_proj", "up_proj")]
+                    for e in range(n)]  # fmt: skip
+            out[key] = torch.stack([torch.cat(p) for p in pair])
         elif param == "down_proj":
             n = state[key].shape[0]
             out[key] = torch.stack(

@@ -135,8 +135,8 @@ def _data_bytes(path: Path) -> tuple[int, int]:
         ("llama", "W4A16_ASYM", []),
         ("llama", "NVFP4A16", ["model.embed_tokens"]),
         ("qwen3_moe", "W4A16", [ROUTER]),
-        ("fused_experts", "NVFP4A16", []),
-        ("tied", "FP8_BLOCK", []),
+        ("fused_experts", "FP8_BLOCK", []),
+        ("tied", "W4A16", []),
     ],
 )
 def test_predicted_size_is_what_gets_written(capsys, tmp_path, ckpts, arch, scheme, ignore):
