@@ -64,11 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     from flows.quantize import run_quantize
+    from storage.dest import check_dest
     from tasks.reindex import plan_checkpoint
     from tasks.schemes import resolve_config
 
     # Check everything that can be checked from headers before Prefect starts.
-    plan_checkpoint(a.source, resolve_config(a.scheme, a.config, a.ignore))
+    plan, _ = plan_checkpoint(a.source, resolve_config(a.scheme, a.config, a.ignore))
+    check_dest(a.dest, plan.source, a.overwrite)
     result = run_quantize(
         max_workers=a.max_workers,
         source=a.source,
@@ -98,6 +100,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
                     "shards": report.counts,
                     "output_bytes": plan.total_size,
                     "problems": report.problems,
+                    "fixes": report.fixes,
                     "suggested_ignore": report.suggestions,
                     "callouts": report.callouts,
                 },
@@ -120,8 +123,12 @@ def cmd_plan(a: argparse.Namespace) -> int:
         print(f"note: {line}")
     for line in report.problems:
         print(f"problem: {line}")
-    if report.suggestions:
-        print("suggested: " + " ".join(f"--ignore '{p}'" for p in report.suggestions))
+    for label, patterns in (
+        ("to skip the problems", report.fixes),
+        ("usually left unquantized", report.suggestions),
+    ):
+        if patterns:
+            print(f"suggested ({label}): " + " ".join(f"--ignore '{p}'" for p in patterns))
     return 1 if report.problems else 0
 
 

@@ -21,6 +21,9 @@ class Folder:
     def __post_init__(self) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.root = self.root.rstrip("/") or "/"
+        if self.is_local:
+            # one spelling per folder, so reruns recognise their source
+            self.url = self.root
 
     @property
     def is_local(self) -> bool:

@@ -38,7 +38,8 @@ class Report:
 
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
-    suggestions: list[str] = field(default_factory=list)
+    fixes: list[str] = field(default_factory=list)  # ignore patterns that skip the problems
+    suggestions: list[str] = field(default_factory=list)  # layers usually left unquantized
     callouts: list[str] = field(default_factory=list)
 
 
@@ -220,8 +221,8 @@ def plan_checkpoint(
             "cannot quantize as asked:\n  "
             + "\n  ".join(report.problems)
             + (
-                "\nIgnore them with: " + " ".join(f"--ignore '{p}'" for p in report.suggestions)
-                if report.suggestions
+                "\nIgnore them with: " + " ".join(f"--ignore '{p}'" for p in report.fixes)
+                if report.fixes
                 else ""
             )
         )
@@ -307,7 +308,7 @@ def _plan_outputs(weights, groups, schemes, report: Report) -> dict[str, list[Te
         for members in fused_sets(w.rpartition(".")[0] for w in weights):
             if modules & set(members):
                 modules |= set(members)
-        report.suggestions += sorted({ignore_pattern(m) for m in modules})
+        report.fixes += sorted({ignore_pattern(m) for m in modules})
     return out
 
 

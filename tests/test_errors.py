@@ -211,12 +211,6 @@ def test_unrepresentable_shapes_listed_in_one_message(
     assert set(BAD_200) <= kept_as_is
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tasks/reindex.py plan_checkpoint: the 'Ignore them with:' line of the shape error "
-    "also suggests model.embed_tokens and lm_head (general _suggest() suggestions), which "
-    "quantize fine; it should list only patterns that skip the failing tensors",
-)
 def test_shape_error_suggests_only_patterns_for_the_failing_tensors(
     capsys, tmp_path, flow_calls, cols200
 ):
@@ -386,12 +380,16 @@ def test_prepare_dest_resumes_own_output(tmp_path, sharded):
     assert {p.name for p in dest.iterdir()} == {".ptqflow", "model-00001-of-00003.safetensors"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flows/cli.py cmd_quantize only plans before starting Prefect; the DEST ownership "
-    "check (storage/dest.py prepare_dest) runs inside the quantize-checkpoint flow, so an "
-    "occupied DEST is refused only after the Prefect server started, with a traceback logged",
-)
+def test_rerun_with_same_source_spelled_differently_resumes(tmp_path, sharded, monkeypatch):
+    config = resolve_config("FP8_DYNAMIC")
+    first, _ = plan_checkpoint(str(sharded), config)
+    dest = prepare_dest(tmp_path / "dest", first.source)
+    monkeypatch.chdir(sharded.parent)
+    for spelling in (f"{sharded}/", sharded.name):
+        again, _ = plan_checkpoint(spelling, resolve_config("FP8_DYNAMIC"))
+        prepare_dest(dest, again.source)  # the same SOURCE: resume, do not refuse
+
+
 @pytest.mark.parametrize("occupy", [_foreign, _other_ptqflow_output])
 def test_cli_refuses_occupied_dest_before_the_flow(capsys, tmp_path, flow_calls, sharded, occupy):
     dest = tmp_path / "dest"
@@ -402,11 +400,6 @@ def test_cli_refuses_occupied_dest_before_the_flow(capsys, tmp_path, flow_calls,
     assert _snapshot(dest) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage/dest.py prepare_dest: with overwrite=True it shutil.rmtree()s DEST even "
-    "when DEST is the SOURCE folder, deleting the checkpoint being quantized",
-)
 def test_overwrite_never_deletes_the_source(copy_of):
     src = copy_of()
     try:

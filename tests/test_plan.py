@@ -179,7 +179,7 @@ def test_suggestions_qwen3_moe_router(capsys, ckpts):
     assert rc == 0
     assert sorted(report["suggested_ignore"]) == sorted(["model.embed_tokens", "lm_head", ROUTER])
     rc, text = run_plan(capsys, src, "FP8_DYNAMIC")
-    (line,) = [line for line in text.splitlines() if line.startswith("suggested: ")]
+    (line,) = [line for line in text.splitlines() if line.startswith("suggested (usually")]
     assert sorted(re.findall(r"--ignore '([^']+)'", line)) == sorted(report["suggested_ignore"])
 
     # Applying the suggestions ignores exactly the two routers, the embedding and lm_head.
@@ -258,7 +258,7 @@ def test_plan_reports_problems_with_exit_1(capsys, tmp_path, ckpts):
     assert [p.split(" ")[0] for p in report["problems"]] == [
         f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)
     ]
-    assert r"re:model\.layers\.\d+\.mlp\.down_proj$" in report["suggested_ignore"]
+    assert r"re:model\.layers\.\d+\.mlp\.down_proj$" in report["fixes"]
     rc, text = run_plan(capsys, path, "W4A16")
     assert rc == 1
     assert sum(line.startswith("problem: ") for line in text.splitlines()) == 2
