@@ -1,63 +1,23 @@
-"""The destination folder: who owns it, and writes that only ever show complete files."""
+"""The destination: a local folder or any fsspec URL, and who owns it.
+
+Shards are written locally (into DEST itself when it is local, else into a
+staging folder) and then stored under their final name; DEST only looks like
+a checkpoint once `config.json` and the index are written, last.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from storage.source import Folder
 from tasks.errors import PtqflowError
 
 MARKER = ".ptqflow/dest.json"
 DERIVED = ("config.json", "model.safetensors.index.json")
-
-
-def check_dest(dest: str | os.PathLike, source: str, overwrite: bool = False) -> None:
-    """Refuse a DEST that is not ours to write, without touching anything.
-
-    DEST must be new, empty, or an earlier ptqflow output of the same source
-    (a rerun resumes into it); `overwrite` allows any other DEST except one
-    that is, holds or lies inside a local SOURCE.
-    """
-    dest = Path(dest).resolve()
-    if dest.exists() and not dest.is_dir():
-        raise PtqflowError(f"destination {dest} exists and is not a folder")
-    if "://" not in source:
-        src = Path(source).resolve()
-        if src == dest or src in dest.parents or dest in src.parents:
-            raise PtqflowError(
-                f"destination {dest} and source {src} overlap; write to a separate folder"
-            )
-    if overwrite or not dest.exists() or not any(dest.iterdir()):
-        return
-    marker = dest / MARKER
-    owner = json.loads(marker.read_text()).get("source") if marker.exists() else None
-    if owner != source:
-        found = ", ".join(sorted(p.name for p in dest.iterdir())[:5])
-        whose = f"ptqflow output of {owner}" if owner else "files ptqflow did not write"
-        raise PtqflowError(
-            f"destination {dest} already holds {whose} ({found}). "
-            "Choose a new folder, or pass --overwrite to delete what is there."
-        )
-
-
-def prepare_dest(dest: str | os.PathLike, source: str, overwrite: bool = False) -> Path:
-    """Make DEST ready for a run from `source` (see `check_dest`).
-
-    Its config.json and index are removed first, so it never looks like a
-    finished checkpoint while the run is under way.
-    """
-    check_dest(dest, source, overwrite)
-    dest = Path(dest)
-    if overwrite and dest.exists():
-        shutil.rmtree(dest)
-    marker = dest / MARKER
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(marker, json.dumps({"source": source}).encode())
-    for name in DERIVED:
-        (dest / name).unlink(missing_ok=True)
-    return dest
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -68,3 +28,120 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def default_state_dir() -> Path:
+    from prefect.settings import PREFECT_HOME
+
+    return Path(PREFECT_HOME.value()) / "ptqflow"
+
+
+class Dest:
+    """DEST: where finished shards, other files, the index and config.json go."""
+
+    def __init__(self, url: str | os.PathLike, staging: str | os.PathLike | None = None):
+        self.folder = Folder(str(url))
+        self.url = self.folder.url
+        if self.folder.is_local:
+            self.staging = Path(self.folder.root)
+        else:
+            digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+            self.staging = Path(staging or default_state_dir() / "staging" / digest)
+
+    def __repr__(self) -> str:
+        return f"Dest({self.url!r})"
+
+    def path(self, rel: str) -> str:
+        return self.folder.path(rel)
+
+    def exists(self, rel: str) -> bool:
+        return self.folder.fs.exists(self.path(rel))
+
+    def size(self, rel: str) -> int | None:
+        try:
+            return int(self.folder.fs.size(self.path(rel)))
+        except FileNotFoundError:
+            return None
+
+    def entries(self) -> list[str]:
+        """Names directly inside DEST (empty if it does not exist)."""
+        fs = self.folder.fs
+        if not fs.exists(self.folder.root):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(self.folder.root, detail=False))
+
+    def check(self, source: str, overwrite: bool = False) -> None:
+        """Refuse a DEST that is not ours to write, without touching anything.
+
+        DEST must be new, empty, or an earlier ptqflow output of the same source
+        (a rerun resumes into it); `overwrite` allows any other DEST except one
+        that is, holds or lies inside a local SOURCE.
+        """
+        fs = self.folder.fs
+        if fs.exists(self.folder.root) and not fs.isdir(self.folder.root):
+            raise PtqflowError(f"destination {self.url} exists and is not a folder")
+        src = Folder(source)
+        if src.is_local and self.folder.is_local:
+            s, d = Path(src.root), Path(self.folder.root)
+            if s == d or s in d.parents or d in s.parents:
+                raise PtqflowError(
+                    f"destination {d} and source {s} overlap; write to a separate folder"
+                )
+        entries = self.entries()
+        if overwrite or not entries:
+            return
+        owner = json.loads(self.read(MARKER)).get("source") if self.exists(MARKER) else None
+        if owner != src.url:
+            found = ", ".join(entries[:5])
+            whose = f"ptqflow output of {owner}" if owner else "files ptqflow did not write"
+            raise PtqflowError(
+                f"destination {self.url} already holds {whose} ({found}). "
+                "Choose a new folder, or pass --overwrite to delete what is there."
+            )
+
+    def prepare(self, source: str, overwrite: bool = False) -> None:
+        """Make DEST ready for a run from `source` (see `check`).
+
+        Its config.json and index are removed first, so it never looks like a
+        finished checkpoint while the run is under way.
+        """
+        self.check(source, overwrite)
+        fs = self.folder.fs
+        if overwrite and fs.exists(self.folder.root):
+            fs.rm(self.folder.root, recursive=True)
+        self.write(MARKER, json.dumps({"source": Folder(source).url}).encode())
+        for name in DERIVED:
+            self.remove(name)
+        self.staging.mkdir(parents=True, exist_ok=True)
+
+    def read(self, rel: str) -> str:
+        return self.folder.read_text(rel)
+
+    def write(self, rel: str, data: bytes) -> None:
+        """Store `data` as `rel`: atomically by rename when local, by one put when remote."""
+        if self.folder.is_local:
+            path = Path(self.path(rel))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data)
+        else:
+            self.folder.fs.pipe_file(self.path(rel), data)
+
+    def put(self, local: Path, rel: str) -> None:
+        """Store the finished local file `local` as `rel` (no-op when already in place)."""
+        if self.folder.is_local:
+            target = Path(self.path(rel))
+            if local.resolve() != target.resolve():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.partial")
+                shutil.copyfile(local, tmp)
+                os.replace(tmp, target)
+            return
+        self.folder.fs.put_file(str(local), self.path(rel))
+
+    def remove(self, rel: str) -> None:
+        fs = self.folder.fs
+        if fs.exists(self.path(rel)):
+            fs.rm_file(self.path(rel))
+
+    def shard_files(self) -> list[str]:
+        return [e for e in self.entries() if e.endswith(".safetensors")]
