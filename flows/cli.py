@@ -41,6 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-workers", type=int, default=1, help="shards processed in parallel")
     q.add_argument("--device", help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
     q.add_argument("--overwrite", action="store_true", help="delete what DEST holds first")
+    q.add_argument("--cache-dir", help="where remote source shards are downloaded")
+    q.add_argument(
+        "--result-storage", help="folder for cached shard results (default: DEST/.ptqflow)"
+    )
+    q.add_argument(
+        "--max-downloaded", type=int, default=2,
+        help="shards downloaded but not yet quantized, at most (bounds disk use)",
+    )  # fmt: skip
+    q.add_argument(
+        "--delete-source", action="store_true",
+        help="delete each downloaded source shard once its outputs are stored",
+    )  # fmt: skip
     q.add_argument(
         "--include-other-weights",
         action="store_true",
@@ -64,13 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     from flows.quantize import run_quantize
-    from storage.dest import check_dest
+    from storage.dest import Dest
     from tasks.reindex import plan_checkpoint
     from tasks.schemes import resolve_config
 
     # Check everything that can be checked from headers before Prefect starts.
     plan, _ = plan_checkpoint(a.source, resolve_config(a.scheme, a.config, a.ignore))
-    check_dest(a.dest, plan.source, a.overwrite)
+    Dest(a.dest).check(plan.source, a.overwrite)
     result = run_quantize(
         max_workers=a.max_workers,
         source=a.source,
@@ -81,9 +93,24 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         device=a.device,
         overwrite=a.overwrite,
         include_other_weights=a.include_other_weights,
+        cache_dir=a.cache_dir,
+        result_storage=a.result_storage,
+        max_downloaded=a.max_downloaded,
+        delete_source=a.delete_source,
     )
-    print(f"wrote {len(result['shards'])} shard(s) to {result['destination']}")
+    print_summary(result)
     return 0
+
+
+def print_summary(result: dict) -> None:
+    print(f"{'shard':<40} {'status':>9} {'MB in':>9} {'MB out':>9} {'seconds':>8}")
+    for m in result["shards"]:
+        status = "cached" if m["cached"] else "quantized"
+        print(f"{m['name']:<40} {status:>9} {m.get('bytes_in', 0) / 1e6:>9.1f} "
+              f"{m['size'] / 1e6:>9.1f} {m.get('seconds', 0.0):>8.1f}")  # fmt: skip
+    print(f"{result['quantized']} quantized, {result['cached']} cached, "
+          f"{result['total_size'] / 1e9:.3f} GB in {result['destination']}, "
+          f"{result['seconds']:.1f} s")  # fmt: skip
 
 
 def cmd_plan(a: argparse.Namespace) -> int:

@@ -1,53 +1,43 @@
 """The `quantize-checkpoint` flow and llm-compressor's `model_free_ptq` entry point.
 
-The flow only wires tasks: plan (reindex-fused-weights) -> one quantize task
-per output shard -> finalize. Plans and manifests pass between tasks; tensors
-never do.
+The flow only wires tasks. Per shard: download -> quantize -> upload, after
+the reindex-fused-weights planning task and before finalize. Shards overlap
+(shard k quantizes while k+1 downloads and k-1 uploads); `max_workers` bounds
+quantizing shards and `max_downloaded` the shards downloaded but not yet
+quantized. The upload result is cached under a content key, so a rerun skips
+every shard whose output is still in DEST.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterable
-from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from storage.dest import prepare_dest
-from storage.source import Folder
-from tasks.finalize import finalize
-from tasks.quantize import write_shard
-from tasks.reindex import plan_checkpoint
+from storage.dest import Dest, default_state_dir
+from storage.results import result_store, shard_key, still_valid, stored_manifest
+from tasks.download import download_task
+from tasks.finalize import finalize_task
+from tasks.quantize import quantize_task
+from tasks.reindex import plan_task
 from tasks.schemes import resolve_config
+from tasks.upload import upload_task
 
 
 def default_device() -> str:
     import torch
 
     return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
-@task(name="reindex-fused-weights", cache_policy=NO_CACHE)
-def plan_task(source: str, config, include_other_weights: bool):
-    plan, report = plan_checkpoint(source, config, include_other_weights=include_other_weights)
-    logger = get_run_logger()
-    for line in report.callouts:
-        logger.warning(line)
-    return plan
-
-
-@task(name="quantize", cache_policy=NO_CACHE)
-def quantize_task(shard, source: str, dest: Path, config, device: str) -> dict:
-    manifest = write_shard(shard, Folder(source), dest, config.config_groups, device)
-    get_run_logger().info("%s: %d bytes written", shard.name, manifest["size"])
-    return manifest
-
-
-@task(name="finalize", cache_policy=NO_CACHE)
-def finalize_task(plan, source: str, dest: Path, manifests: list[dict]) -> dict:
-    return finalize(plan, Folder(source), dest, manifests)
 
 
 @flow(name="quantize-checkpoint")
@@ -61,21 +51,105 @@ def quantize_checkpoint(
     device: str | None = None,
     overwrite: bool = False,
     include_other_weights: bool = False,
+    cache_dir: str | None = None,
+    result_storage: str | None = None,
+    max_downloaded: int = 2,
+    delete_source: bool = False,
 ) -> dict:
     """Quantize SOURCE into DESTINATION with a preset `scheme` or a QuantizationConfig."""
+    logger = get_run_logger()
+    started = time.monotonic()
     qconfig = resolve_config(scheme, config, ignore or [])
     plan = plan_task(source, qconfig, include_other_weights)
-    dest = prepare_dest(destination, plan.source, overwrite)
+    dest = Dest(destination)
+    dest.prepare(plan.source, overwrite)
+    store = result_store(dest, result_storage)
+    cache = cache_dir or str(default_state_dir() / "downloads")
     device = device or default_device()
-    futures = [quantize_task.submit(s, plan.source, dest, qconfig, device) for s in plan.shards]
-    manifests = [f.result() for f in futures]
-    finalize_task(plan, plan.source, dest, manifests)
-    return {"destination": str(dest), "shards": manifests, "total_size": plan.total_size}
+    upload = upload_task.with_options(result_storage=store)
+    redo = upload.with_options(refresh_cache=True)
+    slots = threading.BoundedSemaphore(max(1, max_downloaded))
+    running = threading.BoundedSemaphore(max(1, max_workers))
+    futures, cached = {}, set()
+    for shard in plan.shards:
+        key = shard_key(plan, shard, dest.url)
+        manifest = stored_manifest(store, key)
+        if manifest is not None and still_valid(manifest, dest):
+            futures[upload.submit(None, dest, key)] = shard
+            cached.add(shard.name)
+            continue
+        paths = download_task.submit(plan.source, shard.files, cache, slots)
+        q = quantize_task.submit(shard, paths, str(dest.staging), qconfig, device, slots, running)
+        futures[redo.submit(q, dest, key)] = shard
+    if cached:
+        logger.info("%d of %d shards already done (cached)", len(cached), len(plan.shards))
+
+    progress = create_progress_artifact(0.0, key="quantize-progress", description="shards done")
+    manifests, done_bytes = {}, 0
+    todo_bytes = sum(s.nbytes for s in plan.shards if s.name not in cached)
+    for future in as_completed(list(futures)):
+        shard = futures[future]
+        manifests[shard.name] = {**future.result(), "cached": shard.name in cached}
+        if shard.name not in cached:
+            done_bytes += shard.nbytes
+            if delete_source:
+                _delete_downloads(plan, shard, manifests, cache)
+        elapsed = time.monotonic() - started
+        rate = done_bytes / elapsed if elapsed else 0.0
+        eta = (todo_bytes - done_bytes) / rate if rate else 0.0
+        logger.info(
+            "[%d/%d] %s %s  %.2f GB written, %.3f GB/s, ETA %.0f s",
+            len(manifests), len(plan.shards), shard.name,
+            "cached" if shard.name in cached else "done", done_bytes / 1e9, rate / 1e9, eta,
+        )  # fmt: skip
+        update_progress_artifact(progress, 100.0 * len(manifests) / len(plan.shards))
+    ordered = [manifests[s.name] for s in plan.shards]
+    finalize_task(plan, plan.source, dest, ordered)
+    summary = {
+        "destination": dest.url,
+        "shards": ordered,
+        "total_size": plan.total_size,
+        "quantized": len(plan.shards) - len(cached),
+        "cached": len(cached),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    _table(summary)
+    return summary
+
+
+def _delete_downloads(plan, finished, manifests: dict, cache: str) -> None:
+    """Remove downloaded copies no unfinished shard still needs (never a local source)."""
+    from pathlib import Path
+
+    pending = {f for s in plan.shards if s.name not in manifests for f in s.files}
+    root = Path(cache)
+    for f in set(finished.files) - pending:
+        for copy in root.glob(f"*/{f}"):
+            copy.unlink(missing_ok=True)
+
+
+def _table(summary: dict) -> None:
+    """The per-shard table artifact for the Prefect UI."""
+    create_table_artifact(
+        key="quantize-shards",
+        table=[
+            {
+                "shard": m["name"],
+                "cached": m["cached"],
+                "bytes_in": m.get("bytes_in", 0),
+                "bytes_out": m["size"],
+                "seconds": m.get("seconds", 0.0),
+            }
+            for m in summary["shards"]
+        ],  # fmt: skip
+        description=f"{summary['quantized']} quantized, {summary['cached']} cached",
+    )
 
 
 def run_quantize(max_workers: int = 1, **params) -> dict:
-    """Run the flow with a thread pool of `max_workers` shards in parallel."""
-    runner = ThreadPoolTaskRunner(max_workers=max(1, max_workers))
+    """Run the flow with enough threads for every stage to overlap."""
+    threads = 3 * max(1, max_workers) + params.get("max_downloaded", 2) + 2
+    runner = ThreadPoolTaskRunner(max_workers=threads)
     return quantize_checkpoint.with_options(task_runner=runner)(max_workers=max_workers, **params)
 
 

@@ -6,11 +6,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from storage.dest import prepare_dest
+from storage.dest import Dest
 from storage.source import Folder
-from tasks.finalize import finalize
+from tasks.finalize import finalize_task
 from tasks.quantize import write_shard
 from tasks.reindex import load_source, reindex_plan
+from tasks.upload import upload
 
 
 @task(name="plan-reindex", cache_policy=NO_CACHE)
@@ -19,8 +20,8 @@ def reindex_plan_task(source: str):
 
 
 @task(name="copy-shard", cache_policy=NO_CACHE)
-def copy_shard_task(shard, source: str, dest) -> dict:
-    return write_shard(shard, Folder(source), dest, {})
+def copy_shard_task(shard, source: str, dest: Dest) -> dict:
+    return upload(write_shard(shard, Folder(source).open, dest.staging, {}), dest)
 
 
 @flow(name="reindex-fused-weights")
@@ -29,11 +30,12 @@ def reindex_fused_weights(
 ) -> dict:
     """Copy SOURCE to DESTINATION with every fused set (q/k/v, gate/up, ...) in one shard."""
     plan = reindex_plan_task(source)
-    dest = prepare_dest(destination, plan.source, overwrite)
+    dest = Dest(destination)
+    dest.prepare(plan.source, overwrite)
     futures = [copy_shard_task.submit(s, plan.source, dest) for s in plan.shards]
     manifests = [f.result() for f in futures]
-    finalize(plan, Folder(plan.source), dest, manifests)
-    return {"destination": str(dest), "shards": manifests}
+    finalize_task(plan, plan.source, dest, manifests)
+    return {"destination": dest.url, "shards": manifests}
 
 
 def run_reindex(source: str, destination: str, num_workers: int = 1, overwrite: bool = False):

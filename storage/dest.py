@@ -68,7 +68,8 @@ class Dest:
         fs = self.folder.fs
         if not fs.exists(self.folder.root):
             return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(self.folder.root, detail=False))
+        listing = fs.ls(self.folder.root, detail=False)
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listing)
 
     def check(self, source: str, overwrite: bool = False) -> None:
         """Refuse a DEST that is not ours to write, without touching anything.
@@ -137,6 +138,22 @@ class Dest:
                 os.replace(tmp, target)
             return
         self.folder.fs.put_file(str(local), self.path(rel))
+
+    def info(self, rel: str) -> dict | None:
+        """Size and a cheap change stamp (mtime or ETag) of `rel`, or None if absent."""
+        try:
+            info = self.folder.fs.info(self.path(rel))
+        except FileNotFoundError:
+            return None
+        stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("created")
+        return {"size": int(info["size"]), "stamp": str(stamp)}
+
+    def sha256(self, rel: str) -> str:
+        h = hashlib.sha256()
+        with self.folder.open(rel) as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+        return h.hexdigest()
 
     def remove(self, rel: str) -> None:
         fs = self.folder.fs

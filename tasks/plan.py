@@ -7,7 +7,7 @@ parsing and can read a fused partner from any source shard.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from storage.safetensors import TensorSpec
 
@@ -69,6 +69,7 @@ class Plan:
     config: dict | None  # quantization_config for config.json; None copies config.json as is
     shards: list[ShardPlan]
     other_files: list[str]
+    fingerprints: dict[str, str] = field(default_factory=dict)  # source file -> version
 
     @property
     def total_size(self) -> int:

@@ -8,13 +8,19 @@ stored tensors, so the bytes are those compressed-tensors produces itself.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import errno
+import time
+from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from storage.safetensors import DTYPE_NAMES, DTYPES, ShardWriter, read_tensor, sha256_file
-from storage.source import Folder
+from tasks.errors import PtqflowError
 from tasks.plan import ShardPlan
 
 Tensors = dict[str, torch.Tensor]
@@ -90,38 +96,53 @@ def quantize_weights(weights: list[torch.Tensor], scheme) -> list[Tensors]:
 
 def write_shard(
     shard: ShardPlan,
-    source: Folder,
-    dest: Path,
+    open_source: Callable[[str], BinaryIO],
+    out_dir: Path,
     schemes: dict,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """Write one output shard, tensor by tensor; returns its manifest (name, size, sha256).
+    """Write one output shard into `out_dir`, tensor by tensor; returns its manifest.
 
-    `schemes` maps config group -> QuantizationScheme. Only the tensors of one
-    unit (one weight, or one fused set) are in memory at a time.
+    `open_source(file)` opens a source file for reading; `schemes` maps config
+    group -> QuantizationScheme. Only the tensors of one unit (one weight, or
+    one fused set) are in memory at a time.
     """
     device = torch.device(device)
-    with ExitStack() as stack:
-        files = {name: stack.enter_context(source.open(name)) for name in shard.files}
-        writer = stack.enter_context(ShardWriter(dest / shard.name, shard.specs))
-        for unit in shard.units:
-            tensors = [
-                read_tensor(
-                    files[w.read.file], w.read.start, w.read.stop, w.read.dtype, w.read.shape
-                )
-                for w in unit.weights
-            ]
-            if unit.group is None:
-                for w, t in zip(unit.weights, tensors, strict=True):
-                    writer.write(w.name, t)
-                continue
-            tensors = [t.to(device, non_blocking=True) for t in tensors]
-            states = quantize_weights(tensors, schemes[unit.group])
-            for w, state in zip(unit.weights, states, strict=True):
-                for key, value in state.items():
-                    writer.write(f"{w.module}.{key}", value)
-    path = dest / shard.name
-    return {"name": shard.name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+    start = time.monotonic()
+    try:
+        with ExitStack() as stack:
+            files = {name: stack.enter_context(open_source(name)) for name in shard.files}
+            writer = stack.enter_context(ShardWriter(out_dir / shard.name, shard.specs))
+            for unit in shard.units:
+                tensors = [
+                    read_tensor(files[w.read.file], w.read.start, w.read.stop, w.read.dtype,
+                                w.read.shape)
+                    for w in unit.weights
+                ]  # fmt: skip
+                if unit.group is None:
+                    for w, t in zip(unit.weights, tensors, strict=True):
+                        writer.write(w.name, t)
+                    continue
+                tensors = [t.to(device, non_blocking=True) for t in tensors]
+                states = quantize_weights(tensors, schemes[unit.group])
+                for w, state in zip(unit.weights, states, strict=True):
+                    for key, value in state.items():
+                        writer.write(f"{w.module}.{key}", value)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise PtqflowError(
+                f"disk full while writing {out_dir / shard.name}; free space and run the same "
+                "command again: finished shards are kept"
+            ) from None
+        raise
+    path = out_dir / shard.name
+    return {
+        "name": shard.name,
+        "size": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "bytes_in": sum(w.read.stop - w.read.start for u in shard.units for w in u.weights),
+        "seconds": round(time.monotonic() - start, 3),
+    }
 
 
 def meta_outputs(shape: tuple[int, ...], dtype: str, scheme) -> list[tuple[str, str, tuple]]:
@@ -140,3 +161,19 @@ def meta_outputs(shape: tuple[int, ...], dtype: str, scheme) -> list[tuple[str, 
         zeros = torch.zeros(zero_point.shape, dtype=zero_point.dtype)
         state["weight_zero_point"] = pack_to_int32(zeros, scheme.weights.num_bits, packed_dim=0)
     return [(k, DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in sorted(state.items())]
+
+
+@task(name="quantize", cache_policy=NO_CACHE)
+def quantize_task(shard: ShardPlan, paths: dict[str, str], out_dir: str, config, device: str,
+                  slots=None, running=None) -> dict:  # fmt: skip
+    """Quantize one shard from downloaded `paths`; releases the download slot it used.
+
+    `running` (a semaphore) bounds the shards quantizing at once.
+    """
+    try:
+        with running or nullcontext():
+            return write_shard(shard, lambda f: open(paths[f], "rb"), Path(out_dir),
+                               config.config_groups, device)  # fmt: skip
+    finally:
+        if slots is not None:
+            slots.release()

@@ -13,6 +13,9 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from storage.safetensors import FLOAT_DTYPES, Header, TensorSpec, read_header
 from storage.source import Folder
 from tasks.errors import PtqflowError
@@ -251,7 +254,8 @@ def plan_checkpoint(
         plan_shards.append(ShardPlan(file, units, specs))
         report.counts[file] = _count(units, targeted, weights)
     other = other_files(src.files, shards, include_other_weights)
-    return Plan(folder.url, _config_dict(config), plan_shards, other), report
+    fingerprints = {f: folder.fingerprint(f) for f in shards}
+    return Plan(folder.url, _config_dict(config), plan_shards, other, fingerprints), report
 
 
 def _without_ignore(config):
@@ -403,3 +407,14 @@ def reindex_plan(src: Source) -> Plan:
         if units[f]
     ]
     return Plan(src.folder.url, None, shards, other_files(src.files, src.shards, False))
+
+
+@task(name="reindex-fused-weights", cache_policy=NO_CACHE)
+def plan_task(source: str, config, include_other_weights: bool = False) -> Plan:
+    """The planning stage of quantize-checkpoint: which shard gets which tensors."""
+    from prefect import get_run_logger
+
+    plan, report = plan_checkpoint(source, config, include_other_weights=include_other_weights)
+    for line in report.callouts:
+        get_run_logger().warning(line)
+    return plan

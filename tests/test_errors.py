@@ -21,11 +21,18 @@ import pytest
 import torch
 
 from flows.cli import main
-from storage.dest import MARKER, prepare_dest
+from storage.dest import MARKER, Dest
 from tasks.errors import PtqflowError
 from tasks.reindex import plan_checkpoint
 from tasks.schemes import resolve_config
 from tests.checkpoints import write_checkpoint
+
+
+def prepare_dest(dest, source, overwrite=False) -> Path:
+    """Prepare a local DEST the way the flow does, and return its path."""
+    Dest(dest).prepare(source, overwrite)
+    return Path(dest)
+
 
 REPO = Path(__file__).resolve().parents[1]
 INDEX = "model.safetensors.index.json"
@@ -119,7 +126,8 @@ def flow_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
     def run_quantize(max_workers: int = 1, **params):
         calls.append(params)
-        return {"destination": params["destination"], "shards": [], "total_size": 0}
+        return {"destination": params["destination"], "shards": [], "total_size": 0,
+                "quantized": 0, "cached": 0, "seconds": 0.0}  # fmt: skip
 
     fake = types.ModuleType("flows.quantize")
     fake.run_quantize = run_quantize
@@ -245,7 +253,7 @@ def test_fp8_block_pads_partial_blocks(capsys, tmp_path, flow_calls):
     # The real quantization agrees with the plan.
     (shard,) = plan.shards
     dest = prepare_dest(tmp_path / "out", plan.source)
-    write_shard(shard, Folder(plan.source), dest, config.config_groups)
+    write_shard(shard, Folder(plan.source).open, dest, config.config_groups)
     header = read_file_header(dest / shard.name)
     for module, (shape, scale) in expected.items():
         assert header.tensors[f"{module}.weight"].shape == shape

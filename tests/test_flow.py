@@ -136,14 +136,15 @@ from storage.source import Folder
 from tasks.quantize import write_shard
 from tasks.reindex import plan_checkpoint
 from tasks.schemes import resolve_config
-from storage.dest import prepare_dest
+from storage.dest import Dest
 src = make_checkpoint(sys.argv[1], size_gb=float(sys.argv[2]), shard_gb=10, hidden=1024)
 config = resolve_config(sys.argv[3], ignore=["lm_head", "model.embed_tokens"])
 plan, _ = plan_checkpoint(str(src), config)
-dest = prepare_dest(sys.argv[1] + "-out", plan.source)
+dest = Dest(sys.argv[1] + "-out")
+dest.prepare(plan.source)
 (shard,) = plan.shards
 rss = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-write_shard(shard, Folder(str(src)), dest, config.config_groups)
+write_shard(shard, Folder(str(src)).open, dest.staging, config.config_groups)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss)
 """
     growth = []

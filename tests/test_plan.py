@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from flows.cli import main
-from storage.dest import prepare_dest
+from storage.dest import Dest
 from storage.source import Folder
 from tasks.finalize import finalize
 from tasks.quantize import write_shard
@@ -148,9 +148,10 @@ def test_predicted_size_is_what_gets_written(capsys, tmp_path, ckpts, arch, sche
     assert rc == 0 and cli["output_bytes"] == plan.total_size
 
     folder = Folder(plan.source)
-    dest = prepare_dest(tmp_path / "out", plan.source)
-    manifests = [write_shard(s, folder, dest, config.config_groups) for s in plan.shards]
-    index = finalize(plan, folder, dest, manifests)
+    dest = tmp_path / "out"
+    Dest(dest).prepare(plan.source)
+    manifests = [write_shard(s, folder.open, dest, config.config_groups) for s in plan.shards]
+    index = finalize(plan, folder, Dest(dest), manifests)
 
     assert sorted(p.name for p in dest.glob("*.safetensors")) == sorted(s.name for s in plan.shards)
     total = 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from storage.dest import prepare_dest
+from storage.dest import Dest
 from storage.source import Folder
 from tasks.finalize import finalize
 from tasks.quantize import quantize_weights, write_shard
@@ -117,9 +117,11 @@ def expected_output(source: dict[str, torch.Tensor], groups: dict[str, object], 
 
 def quantize_folder(src, dst, config) -> dict:
     plan, _ = plan_checkpoint(str(src), config)
-    dest = prepare_dest(dst, plan.source)
+    dest = Dest(dst)
+    dest.prepare(plan.source)
     folder = Folder(plan.source)
-    manifests = [write_shard(s, folder, dest, config.config_groups) for s in plan.shards]
+    manifests = [write_shard(s, folder.open, dest.staging, config.config_groups)
+                 for s in plan.shards]  # fmt: skip
     finalize(plan, folder, dest, manifests)
     return plan
 

@@ -1,0 +1,36 @@
+"""Download stage: local copies of the source files one output shard reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from storage.source import Folder
+
+
+def download(source: Folder, files: list[str], cache_dir: Path) -> dict[str, str]:
+    """Source file -> local path; local sources are used in place, remote ones copied."""
+    return {rel: str(source.download(rel, cache_dir)) for rel in files}
+
+
+@task(
+    name="download",
+    cache_policy=NO_CACHE,
+    retries=4,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+)
+def download_task(source: str, files: list[str], cache_dir: str, slots=None) -> dict[str, str]:
+    """`slots` (a semaphore) bounds downloaded-but-unquantized shards; the quantize task
+    releases what this task acquires."""
+    if slots is not None:
+        slots.acquire()
+    try:
+        return download(Folder(source), files, Path(cache_dir))
+    except BaseException:
+        if slots is not None:
+            slots.release()
+        raise
