@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     from flows.quantize import run_quantize
+    from flows.server import prefect_server
     from storage.dest import Dest
     from tasks.reindex import plan_checkpoint
     from tasks.schemes import resolve_config
@@ -83,21 +84,22 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     # Check everything that can be checked from headers before Prefect starts.
     plan, _ = plan_checkpoint(a.source, resolve_config(a.scheme, a.config, a.ignore))
     Dest(a.dest).check(plan.source, a.overwrite)
-    result = run_quantize(
-        max_workers=a.max_workers,
-        source=a.source,
-        destination=a.dest,
-        scheme=a.scheme,
-        config=a.config,
-        ignore=a.ignore,
-        device=a.device,
-        overwrite=a.overwrite,
-        include_other_weights=a.include_other_weights,
-        cache_dir=a.cache_dir,
-        result_storage=a.result_storage,
-        max_downloaded=a.max_downloaded,
-        delete_source=a.delete_source,
-    )
+    with prefect_server():
+        result = run_quantize(
+            max_workers=a.max_workers,
+            source=a.source,
+            destination=a.dest,
+            scheme=a.scheme,
+            config=a.config,
+            ignore=a.ignore,
+            device=a.device,
+            overwrite=a.overwrite,
+            include_other_weights=a.include_other_weights,
+            cache_dir=a.cache_dir,
+            result_storage=a.result_storage,
+            max_downloaded=a.max_downloaded,
+            delete_source=a.delete_source,
+        )
     print_summary(result)
     return 0
 
@@ -161,8 +163,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 def cmd_reindex(a: argparse.Namespace) -> int:
     from flows.reindex import run_reindex
+    from flows.server import prefect_server
 
-    result = run_reindex(a.source, a.dest, a.num_workers, a.overwrite)
+    with prefect_server():
+        result = run_reindex(a.source, a.dest, a.num_workers, a.overwrite)
     print(f"wrote {len(result['shards'])} shard(s) to {result['destination']}")
     return 0
 

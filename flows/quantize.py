@@ -85,20 +85,20 @@ def quantize_checkpoint(
         logger.info("%d of %d shards already done (cached)", len(cached), len(plan.shards))
 
     progress = create_progress_artifact(0.0, key="quantize-progress", description="shards done")
-    manifests, done_bytes = {}, 0
-    todo_bytes = sum(s.nbytes for s in plan.shards if s.name not in cached)
+    manifests, done_bytes, t0 = {}, 0, time.monotonic()
+    todo_bytes = sum(s.bytes_in for s in plan.shards if s.name not in cached)
     for future in as_completed(list(futures)):
         shard = futures[future]
         manifests[shard.name] = {**future.result(), "cached": shard.name in cached}
         if shard.name not in cached:
-            done_bytes += shard.nbytes
+            done_bytes += shard.bytes_in
             if delete_source:
                 _delete_downloads(plan, shard, manifests, cache)
-        elapsed = time.monotonic() - started
+        elapsed = time.monotonic() - t0
         rate = done_bytes / elapsed if elapsed else 0.0
         eta = (todo_bytes - done_bytes) / rate if rate else 0.0
         logger.info(
-            "[%d/%d] %s %s  %.2f GB written, %.3f GB/s, ETA %.0f s",
+            "[%d/%d] %s %s  %.2f GB read, %.3f GB/s, ETA %.0f s",
             len(manifests), len(plan.shards), shard.name,
             "cached" if shard.name in cached else "done", done_bytes / 1e9, rate / 1e9, eta,
         )  # fmt: skip

@@ -1,8 +1,9 @@
 """Content keys for shard results, and whether a cached result can still be trusted.
 
 A shard's key depends only on what determines its bytes: the fingerprints of
-the source files it reads, its plan (tensors read and produced), the resolved
-quantization config, the destination and the ptqflow version. Results are
+the source files it reads, its plan (tensors read and produced, and which
+config group quantizes each), the schemes of those groups, the destination
+and the ptqflow version. Results are
 small manifests that Prefect persists under that key in the result store.
 """
 
@@ -26,9 +27,11 @@ def ptqflow_version() -> str:
 
 
 def shard_key(plan: Plan, shard: ShardPlan, dest: str) -> str:
+    groups = sorted({u.group for u in shard.units if u.group is not None})
     content = {
         "ptqflow": ptqflow_version(),
-        "config": plan.config,
+        # only the schemes this shard uses: an ignore entry elsewhere does not touch it
+        "schemes": {g: plan.config["config_groups"][g] for g in groups},
         "shard": asdict(shard),
         "sources": {f: plan.fingerprints[f] for f in shard.files},
         "dest": dest,

@@ -60,7 +60,13 @@ class ShardPlan:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of tensor data this shard writes."""
         return sum(s.nbytes for s in self.specs)
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes of source tensor data this shard reads."""
+        return sum(w.read.stop - w.read.start for u in self.units for w in u.weights)
 
 
 @dataclass

@@ -1,0 +1,184 @@
+"""The resumable pipeline: remote sources and destinations, content-keyed caching, kill -9."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import psutil
+import pytest
+
+from tasks.schemes import resolve_config
+from tests.checkpoints import build_checkpoint
+from tests.test_flow import ROOT, files
+from tests.test_reference import IGNORE, quantize_folder
+
+
+def upload_folder(local: Path, url: str) -> None:
+    fs, root = fsspec.core.url_to_fs(url)
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            fs.pipe_file(f"{root}/{p.relative_to(local)}", p.read_bytes())
+
+
+def remote_files(url: str) -> dict[str, bytes]:
+    fs, root = fsspec.core.url_to_fs(url)
+    return {
+        p[len(root) + 1 :]: fs.cat_file(p)
+        for p in sorted(fs.find(root))
+        if not any(part.startswith(".") for part in p[len(root) + 1 :].split("/"))
+    }
+
+
+def run(source: str, dest: str, scheme: str = "NVFP4A16", ignore=IGNORE, **kw) -> dict:
+    from flows.quantize import run_quantize
+
+    return run_quantize(source=source, destination=dest, scheme=scheme, ignore=ignore,
+                        device="cpu", **kw)  # fmt: skip
+
+
+def test_memory_source_and_destination_resume_from_cache(tmp_path, prefect_server):
+    src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=3)
+    quantize_folder(src, tmp_path / "want", resolve_config("NVFP4A16", ignore=IGNORE))
+    upload_folder(src, "memory://ckpt/src")
+    first = run("memory://ckpt/src", "memory://ckpt/out", max_workers=2,
+                cache_dir=str(tmp_path / "dl"))  # fmt: skip
+    assert (first["quantized"], first["cached"]) == (3, 0)
+    assert remote_files("memory://ckpt/out") == files(tmp_path / "want")
+    again = run("memory://ckpt/src", "memory://ckpt/out", cache_dir=str(tmp_path / "dl"))
+    assert (again["quantized"], again["cached"]) == (0, 3)
+    assert remote_files("memory://ckpt/out") == files(tmp_path / "want")
+
+
+def test_changed_scheme_ignore_or_source_invalidates_what_it_must(tmp_path, prefect_server):
+    src = build_checkpoint(tmp_path / "src", "llama", shards=3)
+    out = str(tmp_path / "out")
+    assert run(str(src), out, "FP8_BLOCK")["quantized"] == 3
+    # another scheme: nothing stale is reused
+    result = run(str(src), out, "W4A16")
+    assert (result["quantized"], result["cached"]) == (3, 0)
+    quantize_folder(src, tmp_path / "w4", resolve_config("W4A16", ignore=IGNORE))
+    assert files(Path(out)) == files(tmp_path / "w4")
+    # one more ignored module: only the shard holding it is redone
+    index = json.loads((tmp_path / "w4/model.safetensors.index.json").read_text())["weight_map"]
+    holder = index["model.layers.1.mlp.down_proj.weight_packed"]
+    result = run(str(src), out, "W4A16", ignore=[*IGNORE, "model.layers.1.mlp.down_proj"])
+    assert [m["name"] for m in result["shards"] if not m["cached"]] == [holder]
+    # back to the first ignore list, and a source shard that changed (new mtime):
+    # its fingerprint changes, so the shards reading it are redone too
+    changed = "model-00002-of-00003.safetensors"
+    os.utime(src / changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    result = run(str(src), out, "W4A16")
+    assert sorted(m["name"] for m in result["shards"] if not m["cached"]) == sorted(
+        {holder, changed}
+    )
+    assert files(Path(out)) == files(tmp_path / "w4")
+
+
+def test_cached_result_redone_when_output_changed(tmp_path, prefect_server):
+    src = build_checkpoint(tmp_path / "src", "llama", shards=2)
+    out = tmp_path / "out"
+    run(str(src), str(out), "FP8_DYNAMIC")
+    victim = out / "model-00001-of-00002.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes, new mtime
+    victim.write_bytes(bytes(data))
+    result = run(str(src), str(out), "FP8_DYNAMIC")
+    assert (result["quantized"], result["cached"]) == (1, 1)
+    quantize_folder(src, tmp_path / "want", resolve_config("FP8_DYNAMIC", ignore=IGNORE))
+    assert files(out) == files(tmp_path / "want")
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """An S3-compatible server (moto) on loopback, with s3fs pointed at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    fsspec.filesystem("s3").clear_instance_cache()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("models")
+    yield fs
+    fsspec.filesystem("s3").clear_instance_cache()
+    server.stop()
+
+
+def test_s3_source_and_destination(tmp_path, prefect_server, s3):
+    src = build_checkpoint(tmp_path / "src", "deepseek_v3", shards=3)
+    upload_folder(src, "s3://models/ds")
+    result = run("s3://models/ds", "s3://models/ds-w4a16", "W4A16", max_workers=2,
+                 cache_dir=str(tmp_path / "dl"), delete_source=True)  # fmt: skip
+    assert result["quantized"] == 3
+    quantize_folder(src, tmp_path / "want", resolve_config("W4A16", ignore=IGNORE))
+    assert remote_files("s3://models/ds-w4a16") == files(tmp_path / "want")
+    assert not [p for p in (tmp_path / "dl").rglob("*.safetensors")]  # --delete-source
+    again = run("s3://models/ds", "s3://models/ds-w4a16", "W4A16", cache_dir=str(tmp_path / "dl"))
+    assert (again["quantized"], again["cached"]) == (0, 3)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def server_processes(home: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "server" in (p.info["cmdline"] or []) and p.environ().get("PREFECT_HOME") == home:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def test_kill_9_then_rerun_resumes_byte_identical(tmp_path):
+    """kill -9 of the CLI's whole process group mid-run; the rerun redoes only the rest."""
+    from benchmarks.make_checkpoint import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "src", size_gb=0.4, shard_gb=0.025, hidden=1024)
+    n_shards = len(list(src.glob("*.safetensors")))
+    out = tmp_path / "out"
+    home = str(tmp_path / "prefect-home")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=home, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "flows.cli", "quantize", str(src), str(out), "--scheme",
+           "NVFP4A16", "--ignore", "lm_head", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("model-*.safetensors"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before the kill"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)
+    finished = {p.name: (p.stat().st_mtime_ns, sha(p)) for p in out.glob("model-*.safetensors")}
+    assert 2 <= len(finished) < n_shards
+    assert (
+        not (out / "config.json").exists() and not (out / "model.safetensors.index.json").exists()
+    )
+    assert server_processes(home) == []  # nothing of the killed run is left running
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    cached = [line.split()[0] for line in rerun.stdout.splitlines() if " cached " in line]
+    assert set(finished) <= set(cached)
+    for name, (mtime, digest) in finished.items():
+        assert ((out / name).stat().st_mtime_ns, sha(out / name)) == (mtime, digest), name
+    assert server_processes(home) == []
+    quantize_folder(src, tmp_path / "want", resolve_config("NVFP4A16", ignore=["lm_head"]))
+    assert files(out) == files(tmp_path / "want")
+    assert not list(out.glob(".*.partial"))
