@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-workers", type=int, default=1, help="shards processed in parallel")
     q.add_argument("--device", help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
     q.add_argument("--overwrite", action="store_true", help="delete what DEST holds first")
+    q.add_argument("--revision", help="Hub source: branch, tag or commit (default: main)")
+    q.add_argument("--private", action="store_true", help="hf:// DEST: create the repo private")
     q.add_argument("--cache-dir", help="where remote source shards are downloaded")
     q.add_argument(
         "--result-storage", help="folder for cached shard results (default: DEST/.ptqflow)"
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="dry run: read headers, show what would be done")
     p.add_argument("source")
+    p.add_argument("--revision", help="Hub source: branch, tag or commit")
     _scheme_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -70,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("source")
     r.add_argument("dest")
     r.add_argument("--num-workers", type=int, default=1)
+    r.add_argument("--revision", help="Hub source: branch, tag or commit")
+    r.add_argument("--cache-dir", help="where remote source shards are downloaded")
     r.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -82,7 +87,9 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from tasks.schemes import resolve_config
 
     # Check everything that can be checked from headers before Prefect starts.
-    plan, _ = plan_checkpoint(a.source, resolve_config(a.scheme, a.config, a.ignore))
+    plan, _ = plan_checkpoint(
+        a.source, resolve_config(a.scheme, a.config, a.ignore), revision=a.revision
+    )
     Dest(a.dest).check(plan.source, a.overwrite)
     with prefect_server():
         result = run_quantize(
@@ -99,6 +106,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
             result_storage=a.result_storage,
             max_downloaded=a.max_downloaded,
             delete_source=a.delete_source,
+            revision=a.revision,
+            private=a.private,
         )
     print_summary(result)
     return 0
@@ -120,7 +129,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from tasks.schemes import resolve_config
 
     plan, report = plan_checkpoint(
-        a.source, resolve_config(a.scheme, a.config, a.ignore), strict=False
+        a.source, resolve_config(a.scheme, a.config, a.ignore), strict=False, revision=a.revision
     )
     if a.json:
         print(
@@ -166,7 +175,8 @@ def cmd_reindex(a: argparse.Namespace) -> int:
     from flows.server import prefect_server
 
     with prefect_server():
-        result = run_reindex(a.source, a.dest, a.num_workers, a.overwrite)
+        result = run_reindex(a.source, a.dest, a.num_workers, overwrite=a.overwrite,
+                             revision=a.revision, cache_dir=a.cache_dir)  # fmt: skip
     print(f"wrote {len(result['shards'])} shard(s) to {result['destination']}")
     return 0
 

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -26,6 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from storage.dest import Dest, default_state_dir
 from storage.results import result_store, shard_key, still_valid, stored_manifest
+from storage.source import Folder
 from tasks.download import download_task
 from tasks.finalize import finalize_task
 from tasks.quantize import quantize_task
@@ -55,22 +57,30 @@ def quantize_checkpoint(
     result_storage: str | None = None,
     max_downloaded: int = 2,
     delete_source: bool = False,
+    revision: str | None = None,
+    private: bool = False,
 ) -> dict:
-    """Quantize SOURCE into DESTINATION with a preset `scheme` or a QuantizationConfig."""
+    """Quantize SOURCE into DESTINATION with a preset `scheme` or a QuantizationConfig.
+
+    SOURCE is a folder, a Hub repo id (at `revision`) or an fsspec URL;
+    DESTINATION a folder, `hf://org/name` (created, `private` if asked) or an fsspec URL.
+    """
     logger = get_run_logger()
     started = time.monotonic()
     qconfig = resolve_config(scheme, config, ignore or [])
-    plan = plan_task(source, qconfig, include_other_weights)
-    dest = Dest(destination)
+    plan = plan_task(source, qconfig, include_other_weights, revision)
+    dest = Dest(destination, private=private)
     dest.prepare(plan.source, overwrite)
     store = result_store(dest, result_storage)
-    cache = cache_dir or str(default_state_dir() / "downloads")
+    remote = not Folder(plan.source).is_local
+    hub = plan.source.startswith("hf://")
+    cache = cache_dir or (None if hub else str(default_state_dir() / "downloads"))
     device = device or default_device()
     upload = upload_task.with_options(result_storage=store)
     redo = upload.with_options(refresh_cache=True)
     slots = threading.BoundedSemaphore(max(1, max_downloaded))
     running = threading.BoundedSemaphore(max(1, max_workers))
-    futures, cached = {}, set()
+    futures, downloads, cached = {}, {}, set()
     for shard in plan.shards:
         key = shard_key(plan, shard, dest.url)
         manifest = stored_manifest(store, key)
@@ -78,7 +88,7 @@ def quantize_checkpoint(
             futures[upload.submit(None, dest, key)] = shard
             cached.add(shard.name)
             continue
-        paths = download_task.submit(plan.source, shard.files, cache, slots)
+        paths = downloads[shard.name] = download_task.submit(plan.source, shard.files, cache, slots)
         q = quantize_task.submit(shard, paths, str(dest.staging), qconfig, device, slots, running)
         futures[redo.submit(q, dest, key)] = shard
     if cached:
@@ -92,8 +102,8 @@ def quantize_checkpoint(
         manifests[shard.name] = {**future.result(), "cached": shard.name in cached}
         if shard.name not in cached:
             done_bytes += shard.bytes_in
-            if delete_source:
-                _delete_downloads(plan, shard, manifests, cache)
+            if delete_source and remote:
+                _delete_downloads(plan, shard, manifests, downloads[shard.name].result())
         elapsed = time.monotonic() - t0
         rate = done_bytes / elapsed if elapsed else 0.0
         eta = (todo_bytes - done_bytes) / rate if rate else 0.0
@@ -117,15 +127,17 @@ def quantize_checkpoint(
     return summary
 
 
-def _delete_downloads(plan, finished, manifests: dict, cache: str) -> None:
-    """Remove downloaded copies no unfinished shard still needs (never a local source)."""
-    from pathlib import Path
+def _delete_downloads(plan, finished, manifests: dict, paths: dict[str, str]) -> None:
+    """Delete downloaded copies of `finished`'s source files that no pending shard needs.
 
+    An HF-cache path is a link to a blob: both go.
+    """
     pending = {f for s in plan.shards if s.name not in manifests for f in s.files}
-    root = Path(cache)
     for f in set(finished.files) - pending:
-        for copy in root.glob(f"*/{f}"):
-            copy.unlink(missing_ok=True)
+        copy = Path(paths[f])
+        if copy.is_symlink():
+            copy.resolve().unlink(missing_ok=True)
+        copy.unlink(missing_ok=True)
 
 
 def _table(summary: dict) -> None:

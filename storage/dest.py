@@ -39,9 +39,15 @@ def default_state_dir() -> Path:
 class Dest:
     """DEST: where finished shards, other files, the index and config.json go."""
 
-    def __init__(self, url: str | os.PathLike, staging: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        url: str | os.PathLike,
+        staging: str | os.PathLike | None = None,
+        private: bool = False,
+    ):
         self.folder = Folder(str(url))
         self.url = self.folder.url
+        self.private = private
         if self.folder.is_local:
             self.staging = Path(self.folder.root)
         else:
@@ -108,6 +114,11 @@ class Dest:
         """
         self.check(source, overwrite)
         fs = self.folder.fs
+        if self.folder.is_hub:
+            from huggingface_hub import HfApi
+
+            repo_id, _, _ = self.folder.hub_path()
+            HfApi().create_repo(repo_id, private=self.private, exist_ok=True)
         if overwrite and fs.exists(self.folder.root):
             fs.rm(self.folder.root, recursive=True)
         self.write(MARKER, json.dumps({"source": Folder(source).url}).encode())
@@ -145,7 +156,9 @@ class Dest:
             info = self.folder.fs.info(self.path(rel))
         except FileNotFoundError:
             return None
-        stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("created")
+        lfs = info.get("lfs") or {}
+        stamp = (lfs.get("sha256") or info.get("blob_id") or info.get("ETag") or info.get("etag")
+                 or info.get("mtime") or info.get("created"))  # fmt: skip
         return {"size": int(info["size"]), "stamp": str(stamp)}
 
     def sha256(self, rel: str) -> str:

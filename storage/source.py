@@ -1,10 +1,17 @@
-"""Checkpoint folders addressed by a local path or any fsspec URL."""
+"""Checkpoint folders addressed by a local path, a Hub repo id or any fsspec URL.
+
+Hub repos are read through huggingface_hub's own fsspec filesystem (`hf://`)
+for headers and listings, and downloaded with `hf_hub_download` (resumable,
+into the Hugging Face cache or `--cache-dir`).
+"""
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -31,6 +38,16 @@ class Folder:
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def is_hub(self) -> bool:
+        protocol = self.fs.protocol
+        return "hf" in (protocol if isinstance(protocol, tuple) else (protocol,))
+
+    def hub_path(self, rel: str = ""):
+        """(repo_id, revision, path in repo) of a Hub file."""
+        resolved = self.fs.resolve_path(self.path(rel) if rel else self.root)
+        return resolved.repo_id, resolved.revision, resolved.path_in_repo
 
     def path(self, rel: str) -> str:
         return posixpath.join(self.root, rel)
@@ -60,20 +77,32 @@ class Folder:
         """What identifies this version of a file: a checksum or ETag if the store has
         one, else size and modification time."""
         info = self.fs.info(self.path(rel))
+        lfs = info.get("lfs") or {}
+        if lfs.get("sha256") or info.get("blob_id"):
+            return f"hub:{lfs.get('sha256') or info['blob_id']}:{info.get('size')}"
         for key in ("sha256", "ETag", "etag", "md5", "checksum"):
             if info.get(key):
                 return f"{key}:{str(info[key]).strip(chr(34))}:{info.get('size')}"
         stamp = info.get("mtime") or info.get("LastModified") or info.get("created")
         return f"size:{info.get('size')}:mtime:{stamp}"
 
-    def download(self, rel: str, cache_dir: Path, chunk: int = 1 << 24) -> Path:
+    def download(self, rel: str, cache_dir: Path | None, chunk: int = 1 << 24) -> Path:
         """A local copy of `rel` (the file itself when the folder is local).
 
-        Remote files are copied into `cache_dir` under a name derived from
-        their fingerprint; an interrupted copy resumes from where it stopped.
+        Hub files go through `hf_hub_download` (into the HF cache unless
+        `cache_dir` is given). Other remote files are copied into `cache_dir`
+        under a name derived from their fingerprint; an interrupted copy
+        resumes from where it stopped.
         """
         if self.is_local:
             return Path(self.path(rel))
+        if self.is_hub:
+            from huggingface_hub import hf_hub_download
+
+            repo_id, revision, path = self.hub_path(rel)
+            return Path(hf_hub_download(repo_id, path, revision=revision, cache_dir=cache_dir))
+        if cache_dir is None:
+            raise ValueError("a cache_dir is needed to download from " + self.url)
         digest = hashlib.sha256(f"{self.url}\0{rel}\0{self.fingerprint(rel)}".encode())
         target = cache_dir / digest.hexdigest()[:24] / rel
         size = self.size(rel)
@@ -102,3 +131,31 @@ class Folder:
             raise OSError(f"{self.path(rel)}: got {done} of {size} bytes")
         partial.replace(target)
         return target
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def open_source(spec: str, revision: str | None = None) -> Folder:
+    """SOURCE as a Folder: a local path, any fsspec URL, or a Hub repo id (`org/name`).
+
+    A Hub source is pinned to the commit its revision points at now, so every
+    shard of a run (and of a resumed run) comes from the same commit.
+    """
+    if "://" not in spec and not os.path.exists(spec):
+        if not HUB_ID.fullmatch(spec):
+            raise PtqflowError(f"source {spec} is neither a folder nor a Hub repo id (org/name)")
+        spec = f"hf://{spec}"
+    if revision is not None and not spec.startswith("hf://"):
+        raise PtqflowError("--revision applies to Hub sources only")
+    if not spec.startswith("hf://"):
+        return Folder(spec)
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    repo_id, _, at = spec[len("hf://") :].partition("@")
+    try:
+        sha = HfApi().repo_info(repo_id, revision=revision or at or None).sha
+    except HfHubHTTPError as e:
+        raise PtqflowError(f"cannot open Hub repo {repo_id}: {e}") from None
+    return Folder(f"hf://{repo_id}@{sha}")

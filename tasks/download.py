@@ -11,7 +11,7 @@ from prefect.tasks import exponential_backoff
 from storage.source import Folder
 
 
-def download(source: Folder, files: list[str], cache_dir: Path) -> dict[str, str]:
+def download(source: Folder, files: list[str], cache_dir: Path | None) -> dict[str, str]:
     """Source file -> local path; local sources are used in place, remote ones copied."""
     return {rel: str(source.download(rel, cache_dir)) for rel in files}
 
@@ -23,13 +23,15 @@ def download(source: Folder, files: list[str], cache_dir: Path) -> dict[str, str
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
 )
-def download_task(source: str, files: list[str], cache_dir: str, slots=None) -> dict[str, str]:
+def download_task(
+    source: str, files: list[str], cache_dir: str | None, slots=None
+) -> dict[str, str]:
     """`slots` (a semaphore) bounds downloaded-but-unquantized shards; the quantize task
     releases what this task acquires."""
     if slots is not None:
         slots.acquire()
     try:
-        return download(Folder(source), files, Path(cache_dir))
+        return download(Folder(source), files, Path(cache_dir) if cache_dir else None)
     except BaseException:
         if slots is not None:
             slots.release()

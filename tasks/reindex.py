@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.safetensors import FLOAT_DTYPES, Header, TensorSpec, read_header
-from storage.source import Folder
+from storage.source import Folder, open_source
 from tasks.errors import PtqflowError
 from tasks.plan import Plan, Read, ShardPlan, Unit, Weight
 from tasks.select import (
@@ -174,6 +174,7 @@ def plan_checkpoint(
     *,
     include_other_weights: bool = False,
     strict: bool = True,
+    revision: str | None = None,
 ) -> tuple[Plan, Report]:
     """Validate SOURCE against `config` (a resolved QuantizationConfig) and plan every shard.
 
@@ -183,7 +184,7 @@ def plan_checkpoint(
     """
     from compressed_tensors.quantization import QuantizationStrategy
 
-    folder = source if isinstance(source, Folder) else Folder(str(source))
+    folder = source if isinstance(source, Folder) else open_source(str(source), revision)
     src = load_source(folder)
     model_config, shards = src.model_config, src.shards
     if "quantization_config" in model_config:
@@ -410,11 +411,15 @@ def reindex_plan(src: Source) -> Plan:
 
 
 @task(name="reindex-fused-weights", cache_policy=NO_CACHE)
-def plan_task(source: str, config, include_other_weights: bool = False) -> Plan:
+def plan_task(
+    source: str, config, include_other_weights: bool = False, revision: str | None = None
+) -> Plan:
     """The planning stage of quantize-checkpoint: which shard gets which tensors."""
     from prefect import get_run_logger
 
-    plan, report = plan_checkpoint(source, config, include_other_weights=include_other_weights)
+    plan, report = plan_checkpoint(
+        source, config, include_other_weights=include_other_weights, revision=revision
+    )
     for line in report.callouts:
         get_run_logger().warning(line)
     return plan
