@@ -29,6 +29,7 @@ from storage.dest import Dest, default_state_dir
 from storage.results import result_store, shard_key, still_valid, stored_manifest
 from storage.source import Folder
 from tasks.download import download_task
+from tasks.errors import PtqflowError
 from tasks.finalize import finalize_task
 from tasks.quantize import quantize_task
 from tasks.reindex import plan_task
@@ -80,7 +81,7 @@ def quantize_checkpoint(
     redo = upload.with_options(refresh_cache=True)
     slots = threading.BoundedSemaphore(max(1, max_downloaded))
     running = threading.BoundedSemaphore(max(1, max_workers))
-    futures, downloads, cached = {}, {}, set()
+    futures, chains, cached = {}, {}, set()
     for shard in plan.shards:
         key = shard_key(plan, shard, dest.url)
         manifest = stored_manifest(store, key)
@@ -88,22 +89,30 @@ def quantize_checkpoint(
             futures[upload.submit(None, dest, key)] = shard
             cached.add(shard.name)
             continue
-        paths = downloads[shard.name] = download_task.submit(plan.source, shard.files, cache, slots)
+        paths = download_task.submit(plan.source, shard.files, cache, slots)
         q = quantize_task.submit(shard, paths, str(dest.staging), qconfig, device, slots, running)
         futures[redo.submit(q, dest, key)] = shard
+        chains[shard.name] = (paths, q)
     if cached:
         logger.info("%d of %d shards already done (cached)", len(cached), len(plan.shards))
 
     progress = create_progress_artifact(0.0, key="quantize-progress", description="shards done")
     manifests, done_bytes, t0 = {}, 0, time.monotonic()
     todo_bytes = sum(s.bytes_in for s in plan.shards if s.name not in cached)
+    failed: dict[str, str] = {}
     for future in as_completed(list(futures)):
         shard = futures[future]
-        manifests[shard.name] = {**future.result(), "cached": shard.name in cached}
+        try:
+            manifest = future.result()
+        except Exception:
+            failed[shard.name] = _failure(chains.get(shard.name, ()) + (future,))
+            logger.error("%s failed: %s", shard.name, failed[shard.name])
+            continue
+        manifests[shard.name] = {**manifest, "cached": shard.name in cached}
         if shard.name not in cached:
             done_bytes += shard.bytes_in
             if delete_source and remote:
-                _delete_downloads(plan, shard, manifests, downloads[shard.name].result())
+                _delete_downloads(plan, shard, manifests, chains[shard.name][0].result())
         elapsed = time.monotonic() - t0
         rate = done_bytes / elapsed if elapsed else 0.0
         eta = (todo_bytes - done_bytes) / rate if rate else 0.0
@@ -113,6 +122,12 @@ def quantize_checkpoint(
             "cached" if shard.name in cached else "done", done_bytes / 1e9, rate / 1e9, eta,
         )  # fmt: skip
         update_progress_artifact(progress, 100.0 * len(manifests) / len(plan.shards))
+    if failed:
+        lines = "\n  ".join(f"{name}: {why}" for name, why in sorted(failed.items()))
+        raise PtqflowError(
+            f"{len(failed)} of {len(plan.shards)} shards failed ({len(manifests)} done):\n  "
+            f"{lines}\nFix the cause and run the same command again: finished shards are kept."
+        )
     ordered = [manifests[s.name] for s in plan.shards]
     finalize_task(plan, plan.source, dest, ordered)
     summary = {
@@ -125,6 +140,16 @@ def quantize_checkpoint(
     }
     _table(summary)
     return summary
+
+
+def _failure(chain) -> str:
+    """The message of the first failed stage of a shard's download -> quantize -> upload."""
+    for future in chain:
+        try:
+            future.result()
+        except Exception as e:  # the stage's own exception says what went wrong
+            return str(e) or type(e).__name__
+    return "failed"
 
 
 def _delete_downloads(plan, finished, manifests: dict, paths: dict[str, str]) -> None:

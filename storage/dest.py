@@ -117,8 +117,9 @@ class Dest:
         if self.folder.is_hub:
             from huggingface_hub import HfApi
 
-            repo_id, _, _ = self.folder.hub_path()
+            repo_id = self.folder.root.partition("@")[0]  # the repo may not exist yet
             HfApi().create_repo(repo_id, private=self.private, exist_ok=True)
+            fs.invalidate_cache()  # it remembers that the repo did not exist
         if overwrite and fs.exists(self.folder.root):
             fs.rm(self.folder.root, recursive=True)
         self.write(MARKER, json.dumps({"source": Folder(source).url}).encode())

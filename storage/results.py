@@ -40,8 +40,16 @@ def shard_key(plan: Plan, shard: ShardPlan, dest: str) -> str:
     return "ptqflow-shard-" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def result_store(dest: Dest, configured: str | None = None) -> Path:
-    """Where shard results persist: beside a local DEST, else under PREFECT_HOME."""
+def result_store(dest: Dest, configured: str | None = None):
+    """Where shard results persist: `configured` (a folder or an fsspec URL), else beside
+    a local DEST, else under PREFECT_HOME. A URL becomes a saved RemoteFileSystem block."""
+    if configured and "://" in configured:
+        from prefect.filesystems import RemoteFileSystem
+
+        block = RemoteFileSystem(basepath=configured)
+        block.save("ptqflow-results-" + hashlib.sha256(configured.encode()).hexdigest()[:12],
+                   overwrite=True)  # fmt: skip
+        return block
     if configured:
         return Path(configured)
     if dest.folder.is_local:
@@ -49,12 +57,14 @@ def result_store(dest: Dest, configured: str | None = None) -> Path:
     return default_state_dir() / "results"
 
 
-def stored_manifest(store: Path, key: str) -> dict | None:
-    """The manifest persisted under `key`, if any."""
+def stored_manifest(store, key: str) -> dict | None:
+    """The manifest persisted under `key` in `store` (a folder or a filesystem block)."""
     from prefect.filesystems import LocalFileSystem
     from prefect.results import ResultStore
 
-    results = ResultStore(result_storage=LocalFileSystem(basepath=str(store)))
+    if isinstance(store, (str, Path)):
+        store = LocalFileSystem(basepath=str(store))
+    results = ResultStore(result_storage=store)
     if not results.exists(key):
         return None
     try:

@@ -63,8 +63,13 @@ class Folder:
         prefix = self.root.rstrip("/") + "/"
         return sorted(p[len(prefix) :] for p in found if p.startswith(prefix))
 
-    def open(self, rel: str, mode: str = "rb") -> BinaryIO:
-        return self.fs.open(self.path(rel), mode)
+    def open(self, rel: str, mode: str = "rb", **kwargs) -> BinaryIO:
+        return self.fs.open(self.path(rel), mode, **kwargs)
+
+    def open_unbuffered(self, rel: str) -> BinaryIO:
+        """For a few small reads (headers): each read fetches exactly what it asks for,
+        where a remote filesystem would otherwise fetch whole blocks."""
+        return self.open(rel) if self.is_local else self.open(rel, cache_type="none")
 
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))

@@ -48,7 +48,7 @@ class Report:
 
 def read_headers(folder: Folder, files: list[str], workers: int = 8) -> dict[str, Header]:
     def one(name: str) -> Header:
-        with folder.open(name) as f:
+        with folder.open_unbuffered(name) as f:
             return read_header(f, folder.size(name), name)
 
     with ThreadPoolExecutor(max(1, min(workers, len(files)))) as pool:

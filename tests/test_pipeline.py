@@ -187,3 +187,64 @@ def test_kill_9_then_rerun_resumes_byte_identical(tmp_path):
     quantize_folder(src, tmp_path / "want", resolve_config("NVFP4A16", ignore=["lm_head"]))
     assert files(out) == files(tmp_path / "want")
     assert not list(out.glob(".*.partial"))
+
+
+def test_artifacts_and_remote_result_storage(tmp_path, prefect_server):
+    from prefect.client.orchestration import get_client
+
+    src = build_checkpoint(tmp_path / "src", "llama", shards=2)
+    kw = {"result_storage": "memory://ptqflow-results/run1"}
+    first = run(str(src), str(tmp_path / "out"), "FP8_BLOCK", **kw)
+    assert fsspec.filesystem("memory").ls("/ptqflow-results/run1")  # records went there
+    again = run(str(src), str(tmp_path / "out"), "FP8_BLOCK", **kw)
+    assert (first["cached"], again["cached"]) == (0, 2)
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        latest = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["quantize-shards"])),
+        )
+        progress = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["quantize-progress"])),
+        )
+    table = max((a for a in latest if a.type == "table"), key=lambda a: a.created)
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert sorted((r["shard"], r["cached"]) for r in rows) == [
+        ("model-00001-of-00002.safetensors", True),
+        ("model-00002-of-00002.safetensors", True),
+    ]
+    assert any(a.data == 100.0 for a in progress)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (needs root, as on CI); skipped where mounting is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_stops_with_a_clear_error_and_the_rerun_resumes(tmp_path, small_disk):
+    src = build_checkpoint(tmp_path / "src", "deepseek_v3", shards=4)
+    out = small_disk / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "ph"))
+    cmd = [sys.executable, "-m", "flows.cli", "quantize", str(src), str(out), "--scheme",
+           "FP8_DYNAMIC", "--ignore", "lm_head", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = proc.stderr.split("ptqflow: error: ")[-1]
+    assert "shards failed" in message and "disk full while writing" in message
+    assert not (out / "config.json").exists() and not list(out.glob(".*.partial"))
+    kept = sorted(p.name for p in out.glob("model-*.safetensors"))
+    subprocess.run(["mount", "-o", "remount,size=64M", str(small_disk)], check=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cached = [line.split()[0] for line in proc.stdout.splitlines() if " cached " in line]
+    assert set(kept) <= set(cached) or len(kept) - len(set(kept) & set(cached)) <= 1
+    quantize_folder(src, tmp_path / "want", resolve_config("FP8_DYNAMIC", ignore=["lm_head"]))
+    assert files(out) == files(tmp_path / "want")

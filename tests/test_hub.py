@@ -1,0 +1,90 @@
+"""Hub sources and hf:// destinations.
+
+The Hugging Face Hub is unreachable here, so it is faked at its HTTP boundary: `tests.fakehub`
+serves the Hub's HTTP API on 127.0.0.1 and the real huggingface_hub client talks to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.schemes import resolve_config
+from tests import fakehub
+from tests.checkpoints import build_checkpoint
+from tests.test_flow import files
+from tests.test_reference import IGNORE, quantize_folder
+
+fake_hub = fakehub.fake_hub
+
+
+def folder_bytes(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def run(source, dest, scheme="NVFP4A16", **kw):
+    from flows.quantize import run_quantize
+
+    return run_quantize(source=source, destination=dest, scheme=scheme, ignore=IGNORE,
+                        device="cpu", **kw)  # fmt: skip
+
+
+@pytest.fixture
+def hub_model(tmp_path, fake_hub):
+    src = build_checkpoint(tmp_path / "src", "deepseek_v3", shards=3)
+    sha = fake_hub.add_repo("org/tiny-ds", folder_bytes(src))
+    return src, sha
+
+
+def test_hub_source_downloads_per_shard_and_resumes_from_cache(
+    tmp_path, prefect_server, fake_hub, hub_model
+):
+    src, _ = hub_model
+    quantize_folder(src, tmp_path / "want", resolve_config("NVFP4A16", ignore=IGNORE))
+    fake_hub.fail_next(".safetensors", times=1, kind="drop", method="GET")  # retried
+    first = run("org/tiny-ds", str(tmp_path / "out"), max_workers=2, delete_source=True)
+    assert first["quantized"] == 3
+    assert files(tmp_path / "out") == files(tmp_path / "want")
+    fake_hub.clear_log()
+    again = run("org/tiny-ds", str(tmp_path / "out"))
+    assert (again["quantized"], again["cached"]) == (0, 3)
+    # only the headers were read again (planning), not a byte of tensor data
+    for (method, path), headers in zip(fake_hub.requests, fake_hub.request_headers, strict=True):
+        if method == "GET" and path.endswith(".safetensors"):
+            start, _, end = headers["range"].removeprefix("bytes=").partition("-")
+            assert int(end) < 64 * 1024, (path, headers["range"])
+
+
+def test_revision_pins_the_source(tmp_path, prefect_server, fake_hub, hub_model):
+    src, first_sha = hub_model
+    changed = build_checkpoint(tmp_path / "src2", "deepseek_v3", shards=3, seed=7)
+    fake_hub.add_repo("org/tiny-ds", folder_bytes(changed))  # a newer commit on main
+    run("org/tiny-ds", str(tmp_path / "old"), revision=first_sha)
+    quantize_folder(src, tmp_path / "want", resolve_config("NVFP4A16", ignore=IGNORE))
+    assert files(tmp_path / "old") == files(tmp_path / "want")
+    run("org/tiny-ds", str(tmp_path / "new"))
+    quantize_folder(changed, tmp_path / "want2", resolve_config("NVFP4A16", ignore=IGNORE))
+    assert files(tmp_path / "new") == files(tmp_path / "want2")
+
+
+def test_hf_destination(tmp_path, prefect_server, fake_hub):
+    from huggingface_hub import HfApi
+
+    src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=2)
+    result = run(str(src), "hf://me/tiny-moe-fp8", "FP8_BLOCK", private=True)
+    assert result["quantized"] == 2
+    quantize_folder(src, tmp_path / "want", resolve_config("FP8_BLOCK", ignore=IGNORE))
+    got = {k: v for k, v in fake_hub.files("me/tiny-moe-fp8").items()
+           if not k.startswith(".")}  # fmt: skip
+    assert got == files(tmp_path / "want")
+    assert HfApi().model_info("me/tiny-moe-fp8").private
+    # config.json arrives in the last commit: the repo never looked complete before
+    api = HfApi()
+    commits = api.list_repo_commits("me/tiny-moe-fp8")
+    before_last = api.list_repo_files("me/tiny-moe-fp8", revision=commits[1].commit_id)
+    assert "config.json" not in before_last
+    again = run(str(src), "hf://me/tiny-moe-fp8", "FP8_BLOCK")
+    assert (again["quantized"], again["cached"]) == (0, 2)
