@@ -276,3 +276,19 @@ def test_prefect_flow_run_retry_reuses_finished_shards(tmp_path, prefect_server,
         assert (out / name).stat().st_mtime_ns == mtime, name
     quantize_folder(src, tmp_path / "want", resolve_config("FP8_DYNAMIC", ignore=["lm_head"]))
     assert files(out) == files(tmp_path / "want")
+
+
+def test_interrupted_remote_download_resumes(tmp_path):
+    from storage.source import Folder
+
+    data = os.urandom(3 * 2**20)
+    fsspec.filesystem("memory").pipe_file("/resume/model.safetensors", data)
+    folder = Folder("memory://resume")
+    first = folder.download("model.safetensors", tmp_path, chunk=2**20)
+    assert first.read_bytes() == data
+    # an interrupted copy left 1 MiB behind; the next download appends the rest
+    first.unlink()
+    partial = first.with_name(f".{first.name}.partial")
+    partial.write_bytes(b"\0" * 2**20)
+    again = folder.download("model.safetensors", tmp_path, chunk=2**20)
+    assert again == first and again.read_bytes() == b"\0" * 2**20 + data[2**20 :]
