@@ -172,7 +172,7 @@ class Dest:
     def remove(self, rel: str) -> None:
         fs = self.folder.fs
         if fs.exists(self.path(rel)):
-            fs.rm_file(self.path(rel))
+            fs.rm(self.path(rel))  # rm_file is not implemented by every filesystem (s3fs)
 
     def shard_files(self) -> list[str]:
         return [e for e in self.entries() if e.endswith(".safetensors")]

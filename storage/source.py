@@ -149,7 +149,7 @@ def open_source(spec: str, revision: str | None = None) -> Folder:
     """
     if "://" not in spec and not os.path.exists(spec):
         if not HUB_ID.fullmatch(spec):
-            raise PtqflowError(f"source {spec} is neither a folder nor a Hub repo id (org/name)")
+            raise PtqflowError(f"source {spec} does not exist (and is not a Hub repo id org/name)")
         spec = f"hf://{spec}"
     if revision is not None and not spec.startswith("hf://"):
         raise PtqflowError("--revision applies to Hub sources only")

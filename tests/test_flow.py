@@ -131,26 +131,28 @@ def test_memory_does_not_grow_with_shard_size(tmp_path, scheme):
     """Peak RSS while writing one shard is bounded by a tensor, not by the shard."""
     script = """
 import resource, sys
-from benchmarks.make_checkpoint import make_checkpoint
+from storage.dest import Dest
 from storage.source import Folder
 from tasks.quantize import write_shard
 from tasks.reindex import plan_checkpoint
 from tasks.schemes import resolve_config
-from storage.dest import Dest
-src = make_checkpoint(sys.argv[1], size_gb=float(sys.argv[2]), shard_gb=10, hidden=1024)
-config = resolve_config(sys.argv[3], ignore=["lm_head", "model.embed_tokens"])
-plan, _ = plan_checkpoint(str(src), config)
+config = resolve_config(sys.argv[2], ignore=["lm_head", "model.embed_tokens"])
+plan, _ = plan_checkpoint(sys.argv[1], config)
 dest = Dest(sys.argv[1] + "-out")
 dest.prepare(plan.source)
 (shard,) = plan.shards
 rss = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-write_shard(shard, Folder(str(src)).open, dest.staging, config.config_groups)
+write_shard(shard, Folder(plan.source).open, dest.staging, config.config_groups)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss)
 """
+    from benchmarks.make_checkpoint import make_checkpoint
+
     growth = []
     for size in (0.12, 0.24):
+        # built here, so the measuring process never held a whole shard
+        src = make_checkpoint(tmp_path / f"m{size}", size_gb=size, shard_gb=10, hidden=1024)
         out = subprocess.run(
-            [sys.executable, "-c", script, str(tmp_path / f"m{size}"), str(size), scheme],
+            [sys.executable, "-c", script, str(src), scheme],
             cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
         ).stdout.split()  # fmt: skip
         growth.append(int(out[0]))
