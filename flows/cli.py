@@ -39,8 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dest", help="output folder")
     _scheme_args(q)
     q.add_argument("--max-workers", type=int, default=1, help="shards processed in parallel")
-    q.add_argument("--device", help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
+    q.add_argument(
+        "--device", help="cpu, cuda:N or cuda:0,cuda:1,... (default: cuda:0 if present, else cpu)"
+    )
     q.add_argument("--overwrite", action="store_true", help="delete what DEST holds first")
+    q.add_argument(
+        "--task-runner", choices=("threads", "dask"), default="threads",
+        help="run shards on threads here, or on Dask workers",
+    )  # fmt: skip
+    q.add_argument("--dask-address", help="existing Dask scheduler (default: a LocalCluster)")
     q.add_argument("--revision", help="Hub source: branch, tag or commit (default: main)")
     q.add_argument("--private", action="store_true", help="hf:// DEST: create the repo private")
     q.add_argument("--cache-dir", help="where remote source shards are downloaded")
@@ -108,6 +115,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
             delete_source=a.delete_source,
             revision=a.revision,
             private=a.private,
+            task_runner=a.task_runner,
+            dask_address=a.dask_address,
         )
     print_summary(result)
     return 0

@@ -2,19 +2,21 @@
 
 The flow only wires tasks. Per shard: download -> quantize -> upload, after
 the reindex-fused-weights planning task and before finalize. Shards overlap
-(shard k quantizes while k+1 downloads and k-1 uploads); `max_workers` bounds
-quantizing shards and `max_downloaded` the shards downloaded but not yet
-quantized. The upload result is cached under a content key, so a rerun skips
-every shard whose output is still in DEST.
+(shard k quantizes while k+1 downloads and k-1 uploads) on threads or Dask
+workers; a per-device concurrency limit bounds quantizing shards and a window
+of `max_downloaded` the shards downloaded but not yet quantized. The upload
+result is cached under a content key, so a rerun skips every shard whose
+output is still in DEST.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -24,6 +26,7 @@ from prefect.artifacts import (
 )
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
 
 from storage.dest import Dest, default_state_dir
 from storage.results import result_store, shard_key, still_valid, stored_manifest
@@ -43,23 +46,30 @@ def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+TaskRunnerName = Literal["threads", "dask"]
+
+
 @flow(name="quantize-checkpoint")
 def quantize_checkpoint(
-    source: str,
-    destination: str,
-    scheme: str | None = None,
-    config: str | dict | None = None,
-    ignore: list[str] | None = None,
-    max_workers: int = 1,
-    device: str | None = None,
+    source: Annotated[str, Field(description="folder, Hub repo id (org/name) or fsspec URL")],
+    destination: Annotated[str, Field(description="folder, hf://org/name or fsspec URL")],
+    scheme: Annotated[str | None, Field(description="compressed-tensors preset")] = None,
+    config: Annotated[
+        str | dict | None, Field(description="QuantizationConfig, or a YAML/JSON file")
+    ] = None,
+    ignore: Annotated[list[str] | None, Field(description="module names or re: regexes")] = None,
+    max_workers: Annotated[int, Field(ge=1, description="shards quantizing at once")] = 1,
+    device: Annotated[str | None, Field(description="cpu, cuda:0, or cuda:0,cuda:1")] = None,
     overwrite: bool = False,
     include_other_weights: bool = False,
     cache_dir: str | None = None,
     result_storage: str | None = None,
-    max_downloaded: int = 2,
+    max_downloaded: Annotated[int, Field(ge=1, description="downloaded, unquantized shards")] = 2,
     delete_source: bool = False,
     revision: str | None = None,
     private: bool = False,
+    task_runner: TaskRunnerName = "threads",
+    dask_address: Annotated[str | None, Field(description="tcp://scheduler:8786")] = None,
 ) -> dict:
     """Quantize SOURCE into DESTINATION with a preset `scheme` or a QuantizationConfig.
 
@@ -76,52 +86,33 @@ def quantize_checkpoint(
     remote = not Folder(plan.source).is_local
     hub = plan.source.startswith("hf://")
     cache = cache_dir or (None if hub else str(default_state_dir() / "downloads"))
-    device = device or default_device()
+    devices = (device or default_device()).split(",")
     upload = upload_task.with_options(result_storage=store)
     redo = upload.with_options(refresh_cache=True)
-    slots = threading.BoundedSemaphore(max(1, max_downloaded))
-    running = threading.BoundedSemaphore(max(1, max_workers))
-    futures, chains, cached = {}, {}, set()
-    for shard in plan.shards:
-        key = shard_key(plan, shard, dest.url)
-        manifest = stored_manifest(store, key)
-        if manifest is not None and still_valid(manifest, dest):
-            futures[upload.submit(None, dest, key)] = shard
-            cached.add(shard.name)
-            continue
-        paths = download_task.submit(plan.source, shard.files, cache, slots)
-        q = quantize_task.submit(shard, paths, str(dest.staging), qconfig, device, slots, running)
-        futures[redo.submit(q, dest, key)] = shard
-        chains[shard.name] = (paths, q)
-    if cached:
-        logger.info("%d of %d shards already done (cached)", len(cached), len(plan.shards))
-
-    progress = create_progress_artifact(0.0, key="quantize-progress", description="shards done")
-    manifests, done_bytes, t0 = {}, 0, time.monotonic()
-    todo_bytes = sum(s.bytes_in for s in plan.shards if s.name not in cached)
-    failed: dict[str, str] = {}
-    for future in as_completed(list(futures)):
-        shard = futures[future]
-        try:
-            manifest = future.result()
-        except Exception:
-            failed[shard.name] = _failure(chains.get(shard.name, ()) + (future,))
-            logger.error("%s failed: %s", shard.name, failed[shard.name])
-            continue
-        manifests[shard.name] = {**manifest, "cached": shard.name in cached}
-        if shard.name not in cached:
-            done_bytes += shard.bytes_in
-            if delete_source and remote:
-                _delete_downloads(plan, shard, manifests, chains[shard.name][0].result())
-        elapsed = time.monotonic() - t0
-        rate = done_bytes / elapsed if elapsed else 0.0
-        eta = (todo_bytes - done_bytes) / rate if rate else 0.0
-        logger.info(
-            "[%d/%d] %s %s  %.2f GB read, %.3f GB/s, ETA %.0f s",
-            len(manifests), len(plan.shards), shard.name,
-            "cached" if shard.name in cached else "done", done_bytes / 1e9, rate / 1e9, eta,
-        )  # fmt: skip
-        update_progress_artifact(progress, 100.0 * len(manifests) / len(plan.shards))
+    futures, chains, cached, window = {}, {}, set(), []
+    with make_runner(task_runner, max_workers, max_downloaded, dask_address) as runner, \
+            device_limits(devices, max_workers) as limits:  # fmt: skip
+        for i, shard in enumerate(plan.shards):
+            key = shard_key(plan, shard, dest.url)
+            manifest = stored_manifest(store, key)
+            if manifest is not None and still_valid(manifest, dest):
+                futures[runner.submit(upload, {"manifest": None, "dest": dest, "key": key})] = shard
+                cached.add(shard.name)
+                continue
+            if len(window) >= max_downloaded:  # bounds shards downloaded but not quantized
+                window.pop(0).wait()
+            dev = devices[i % len(devices)]
+            paths = runner.submit(download_task, {"source": plan.source, "files": shard.files,
+                                                  "cache_dir": cache})  # fmt: skip
+            q = runner.submit(quantize_task, {
+                "shard": shard, "paths": paths, "out_dir": str(dest.staging), "config": qconfig,
+                "device": dev, "limit": limits[dev]})  # fmt: skip
+            window.append(q)
+            futures[runner.submit(redo, {"manifest": q, "dest": dest, "key": key})] = shard
+            chains[shard.name] = (paths, q)
+        if cached:
+            logger.info("%d of %d shards already done (cached)", len(cached), len(plan.shards))
+        manifests, failed = _collect(plan, futures, chains, cached, delete_source and remote)
     if failed:
         lines = "\n  ".join(f"{name}: {why}" for name, why in sorted(failed.items()))
         raise PtqflowError(
@@ -140,6 +131,73 @@ def quantize_checkpoint(
     }
     _table(summary)
     return summary
+
+
+def _collect(plan, futures: dict, chains: dict, cached: set, delete_downloads: bool):
+    """Wait for every shard; log progress, update the progress artifact, delete downloads."""
+    logger = get_run_logger()
+    progress = create_progress_artifact(0.0, key="quantize-progress", description="shards done")
+    manifests, failed, done_bytes, t0 = {}, {}, 0, time.monotonic()
+    todo_bytes = sum(s.bytes_in for s in plan.shards if s.name not in cached)
+    for future in as_completed(list(futures)):
+        shard = futures[future]
+        try:
+            manifest = future.result()
+        except Exception:
+            failed[shard.name] = _failure(chains.get(shard.name, ()) + (future,))
+            logger.error("%s failed: %s", shard.name, failed[shard.name])
+            continue
+        manifests[shard.name] = {**manifest, "cached": shard.name in cached}
+        if shard.name not in cached:
+            done_bytes += shard.bytes_in
+            if delete_downloads:
+                _delete_downloads(plan, shard, manifests, chains[shard.name][0].result())
+        elapsed = time.monotonic() - t0
+        rate = done_bytes / elapsed if elapsed else 0.0
+        eta = (todo_bytes - done_bytes) / rate if rate else 0.0
+        logger.info(
+            "[%d/%d] %s %s  %.2f GB read, %.3f GB/s, ETA %.0f s",
+            len(manifests) + len(failed), len(plan.shards), shard.name,
+            "cached" if shard.name in cached else "done", done_bytes / 1e9, rate / 1e9, eta,
+        )  # fmt: skip
+        update_progress_artifact(progress, 100.0 * len(manifests) / len(plan.shards))
+    return manifests, failed
+
+
+def make_runner(name: str, max_workers: int, max_downloaded: int, address: str | None):
+    """Threads in this process, or Dask workers (a LocalCluster, or the cluster at `address`)."""
+    if name == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": max_workers, "threads_per_worker": 4, "processes": True}
+        )
+    if name != "threads":
+        raise PtqflowError(f"unknown task runner {name!r}: use threads or dask")
+    return ThreadPoolTaskRunner(max_workers=3 * max_workers + max_downloaded + 2)
+
+
+@contextmanager
+def device_limits(devices: list[str], max_workers: int):
+    """One Prefect global concurrency limit per device, private to this flow run:
+    a GPU takes one shard at a time, the CPU `max_workers`. Named by run, so a
+    killed run's leftover slots never block the next one."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import get_run_context
+
+    run_id = get_run_context().flow_run.id
+    limits = {d: f"ptqflow-{run_id}-{d.replace(':', '')}" for d in devices}
+    with get_client(sync_client=True) as client:
+        for dev, name in limits.items():
+            limit = 1 if dev.startswith("cuda") else max_workers
+            client.upsert_global_concurrency_limit_by_name(name, limit)
+        try:
+            yield limits
+        finally:
+            for name in limits.values():
+                client.delete_global_concurrency_limit_by_name(name)
 
 
 def _failure(chain) -> str:
@@ -183,11 +241,9 @@ def _table(summary: dict) -> None:
     )
 
 
-def run_quantize(max_workers: int = 1, **params) -> dict:
-    """Run the flow with enough threads for every stage to overlap."""
-    threads = 3 * max(1, max_workers) + params.get("max_downloaded", 2) + 2
-    runner = ThreadPoolTaskRunner(max_workers=threads)
-    return quantize_checkpoint.with_options(task_runner=runner)(max_workers=max_workers, **params)
+def run_quantize(**params) -> dict:
+    """Run the flow (kept as the one place callers go through)."""
+    return quantize_checkpoint(**params)
 
 
 def model_free_ptq(

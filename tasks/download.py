@@ -23,16 +23,5 @@ def download(source: Folder, files: list[str], cache_dir: Path | None) -> dict[s
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
 )
-def download_task(
-    source: str, files: list[str], cache_dir: str | None, slots=None
-) -> dict[str, str]:
-    """`slots` (a semaphore) bounds downloaded-but-unquantized shards; the quantize task
-    releases what this task acquires."""
-    if slots is not None:
-        slots.acquire()
-    try:
-        return download(Folder(source), files, Path(cache_dir) if cache_dir else None)
-    except BaseException:
-        if slots is not None:
-            slots.release()
-        raise
+def download_task(source: str, files: list[str], cache_dir: str | None) -> dict[str, str]:
+    return download(Folder(source), files, Path(cache_dir) if cache_dir else None)

@@ -165,15 +165,14 @@ def meta_outputs(shape: tuple[int, ...], dtype: str, scheme) -> list[tuple[str, 
 
 @task(name="quantize", cache_policy=NO_CACHE)
 def quantize_task(shard: ShardPlan, paths: dict[str, str], out_dir: str, config, device: str,
-                  slots=None, running=None) -> dict:  # fmt: skip
-    """Quantize one shard from downloaded `paths`; releases the download slot it used.
+                  limit: str | None = None) -> dict:  # fmt: skip
+    """Quantize one shard from downloaded `paths`.
 
-    `running` (a semaphore) bounds the shards quantizing at once.
+    `limit` names the Prefect global concurrency limit of `device`, so shards on
+    one GPU never compete for its memory, whichever process or machine runs them.
     """
-    try:
-        with running or nullcontext():
-            return write_shard(shard, lambda f: open(paths[f], "rb"), Path(out_dir),
-                               config.config_groups, device)  # fmt: skip
-    finally:
-        if slots is not None:
-            slots.release()
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(limit, strict=True) if limit else nullcontext():
+        return write_shard(shard, lambda f: open(paths[f], "rb"), Path(out_dir),
+                           config.config_groups, device)  # fmt: skip
