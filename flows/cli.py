@@ -83,7 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--revision", help="Hub source: branch, tag or commit")
     r.add_argument("--cache-dir", help="where remote source shards are downloaded")
     r.add_argument("--overwrite", action="store_true")
+    sv = sub.add_parser(
+        "serve", help="serve the flows as deployments 'quantize' and 'reindex' (no work pool)"
+    )
+    sv.add_argument("--limit", type=int, default=1, help="flow runs at once")
     return parser
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """flow.serve for users who want the simplest server setup: this process runs the flows."""
+    from prefect import serve
+
+    from flows.quantize import quantize_checkpoint
+    from flows.reindex import reindex_fused_weights
+
+    serve(
+        quantize_checkpoint.to_deployment(name="quantize", tags=["ptqflow"]),
+        reindex_fused_weights.to_deployment(name="reindex", tags=["ptqflow"]),
+        limit=a.limit,
+    )
+    return 0
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
@@ -190,7 +209,12 @@ def cmd_reindex(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "plan": cmd_plan, "reindex-fused-weights": cmd_reindex}
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "plan": cmd_plan,
+    "reindex-fused-weights": cmd_reindex,
+    "serve": cmd_serve,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,10 @@ def test_dask_local_cluster_output_is_byte_identical(tmp_path, prefect_server):
     from flows.quantize import run_quantize
 
     src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=4)
-    result = run_quantize(source=str(src), destination=str(tmp_path / "out"), scheme="NVFP4A16",
-                          ignore=IGNORE, device="cpu", max_workers=2, task_runner="dask")  # fmt: skip
+    result = run_quantize(
+        source=str(src), destination=str(tmp_path / "out"), scheme="NVFP4A16", ignore=IGNORE,
+        device="cpu", max_workers=2, task_runner="dask",
+    )  # fmt: skip
     assert result["quantized"] == 4
     quantize_folder(src, tmp_path / "want", resolve_config("NVFP4A16", ignore=IGNORE))
     assert files(tmp_path / "out") == files(tmp_path / "want")

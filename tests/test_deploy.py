@@ -1,0 +1,244 @@
+"""The README's server walkthrough, command by command, against a real `prefect server start`.
+
+A module fixture starts `prefect server start` on 127.0.0.1 (SQLite in a temporary
+PREFECT_HOME); every command runs as a user would type it, in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tasks.schemes import resolve_config
+from tests.checkpoints import build_checkpoint
+from tests.test_flow import ROOT, files
+from tests.test_reference import quantize_folder
+
+IGNORE = ["lm_head", "model.embed_tokens"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def prefect_server_process(home: Path):
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME; yields the environment."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PYTHONPATH=str(ROOT), PWD=str(ROOT))  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_until(lambda: healthy(env["PREFECT_API_URL"]), 120, "prefect server")
+        yield env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with prefect_server_process(tmp_path_factory.mktemp("prefect-home")) as env:
+        yield env
+
+
+def sh(command: str, env: dict, timeout: float = 300) -> str:
+    """Run a walkthrough command (`prefect ...` / `ptqflow ...`) from the repository root."""
+    argv = shlex.split(command)
+    if argv[0] == "prefect":
+        argv = [sys.executable, "-m", "prefect", *argv[1:]]
+    elif argv[0] == "ptqflow":
+        argv = [sys.executable, "-m", "flows.cli", *argv[1:]]
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def start(command: str, env: dict, log: Path | None = None) -> subprocess.Popen:
+    """Start a long-running walkthrough command (a worker, `ptqflow serve`)."""
+    argv = shlex.split(command)
+    argv = [sys.executable, "-m", "prefect", *argv[1:]] if argv[0] == "prefect" else [
+        sys.executable, "-m", "flows.cli", *argv[1:]]  # fmt: skip
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=60)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """kill -9 a process and everything it started (the worker starts flow runs in
+    sessions of their own): what losing the worker's machine does."""
+    import psutil
+
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in family:
+        p.kill()
+    psutil.wait_procs(family, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def deployed(server):
+    sh("prefect work-pool create ptqflow --type process", server)
+    sh("prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml", server)
+    return server
+
+
+def reference(src: Path, out: Path, scheme: str) -> dict[str, bytes]:
+    quantize_folder(src, out, resolve_config(scheme, ignore=IGNORE))
+    return files(out)
+
+
+def params(src, dst, scheme) -> str:
+    ignore = '["lm_head", "model.embed_tokens"]'
+    return f"-p source={src} -p destination={dst} -p scheme={scheme} -p 'ignore={ignore}'"
+
+
+def test_worker_runs_the_quantize_deployment(tmp_path, deployed):
+    src = build_checkpoint(tmp_path / "src", "deepseek_v3", shards=3)
+    worker = start("prefect worker start --pool ptqflow", deployed)
+    try:
+        out = sh(f"prefect deployment run quantize-checkpoint/quantize "
+                 f"{params(src, tmp_path / 'out', 'FP8_BLOCK')} --watch", deployed)  # fmt: skip
+        assert "Completed" in out
+    finally:
+        stop(worker)
+    assert files(tmp_path / "out") == reference(src, tmp_path / "want", "FP8_BLOCK")
+
+
+def flow_run_id(output: str) -> str:
+    for line in output.splitlines():
+        if "UUID:" in line:
+            return line.split("UUID:")[1].strip()
+    raise AssertionError(output)
+
+
+def test_killed_worker_then_flow_run_retry_reuses_finished_shards(tmp_path, deployed):
+    from benchmarks.make_checkpoint import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "src", size_gb=0.3, shard_gb=0.025, hidden=1024)
+    out = tmp_path / "out"
+    worker = start("prefect worker start --pool ptqflow", deployed)
+    run = sh(f"prefect deployment run quantize-checkpoint/quantize "
+             f"{params(src, out, 'NVFP4A16')}", deployed)  # fmt: skip
+    run_id = flow_run_id(run)
+    records = out / ".ptqflow" / "results"
+    wait_until(lambda: records.exists() and len(list(records.iterdir())) >= 2, 300, "2 shards")
+    kill_tree(worker)  # the worker and the flow run process it started
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("model-*.safetensors")}
+    # A self-hosted server marks such a zombie run Crashed with its zombie-detection
+    # automation; do what it does, then retry from the CLI as a user would.
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Crashed
+
+    with temporary_settings({PREFECT_API_URL: deployed["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run_id, Crashed(message="worker killed"), force=True)
+    sh(f"prefect flow-run retry {run_id}", deployed)
+    worker = start("prefect worker start --pool ptqflow", deployed, tmp_path / "worker.log")
+    try:
+        with temporary_settings({PREFECT_API_URL: deployed["PREFECT_API_URL"]}):
+            with get_client(sync_client=True) as client:
+                wait_until(lambda: client.read_flow_run(run_id).state.is_final(), 300, "retry")
+                state = client.read_flow_run(run_id).state
+                assert state.is_completed(), state
+                runs = [t for t in client.read_task_runs() if str(t.flow_run_id) == run_id]
+                cached = [t for t in runs if t.state_name == "Cached"]
+    finally:
+        stop(worker)
+    assert len(cached) >= len([n for n in done if (out / n).exists()]) - 1
+    unchanged = [n for n, mtime in done.items() if (out / n).stat().st_mtime_ns == mtime]
+    assert len(unchanged) >= len(done) - 1  # at most the shard in flight was redone
+    want = {k: v for k, v in reference(src, tmp_path / "want", "NVFP4A16").items()}
+    assert files(out) == want
+
+
+def test_ptqflow_on_an_existing_server_and_dask_cluster(tmp_path, server):
+    """`ptqflow quantize ... --task-runner dask --dask-address tcp://...` against one server."""
+    port = free_port()
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+         "--port", str(port), "--no-dashboard"],
+        env=server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    workers = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}",
+         "--nworkers", "2", "--nthreads", "2", "--no-dashboard"],
+        cwd=ROOT, env=server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=3)
+        command = (
+            f"ptqflow quantize {src} {tmp_path / 'out'} --scheme W4A16 --ignore lm_head "
+            f"--ignore model.embed_tokens --task-runner dask "
+            f"--dask-address tcp://127.0.0.1:{port} --max-workers 2 --device cpu"
+        )
+        sh(command, server)
+    finally:
+        stop(workers)
+        stop(scheduler)
+    assert files(tmp_path / "out") == reference(src, tmp_path / "want", "W4A16")
+
+
+def test_ptqflow_serve(tmp_path):
+    """`ptqflow serve` registers the same deployment names, so it gets a server of its own."""
+    with prefect_server_process(tmp_path / "home") as server:
+        serve_and_run(tmp_path, server)
+
+
+def serve_and_run(tmp_path: Path, server: dict) -> None:
+    src = build_checkpoint(tmp_path / "src", "llama", shards=2)
+    served = start("ptqflow serve", server)
+    try:
+
+        def deployed() -> bool:
+            proc = subprocess.run([sys.executable, "-m", "prefect", "deployment", "ls"],
+                                  env=server, capture_output=True, text=True)  # fmt: skip
+            return "reindex-fused-weights/reindex" in proc.stdout.replace("│", " ")
+
+        wait_until(deployed, 120, "ptqflow serve to register its deployments")
+        sh(f"prefect deployment run reindex-fused-weights/reindex -p source={src} "
+           f"-p destination={tmp_path / 're'} --watch", server)  # fmt: skip
+    finally:
+        stop(served)
+    assert (tmp_path / "re" / "config.json").read_bytes() == (src / "config.json").read_bytes()
