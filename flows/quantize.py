@@ -96,19 +96,18 @@ def quantize_checkpoint(
             key = shard_key(plan, shard, dest.url)
             manifest = stored_manifest(store, key)
             if manifest is not None and still_valid(manifest, dest):
-                futures[runner.submit(upload, {"manifest": None, "dest": dest, "key": key})] = shard
+                futures[submit(runner, upload, shard, manifest=None, dest=dest, key=key)] = shard
                 cached.add(shard.name)
                 continue
             if len(window) >= max_downloaded:  # bounds shards downloaded but not quantized
                 window.pop(0).wait()
             dev = devices[i % len(devices)]
-            paths = runner.submit(download_task, {"source": plan.source, "files": shard.files,
-                                                  "cache_dir": cache})  # fmt: skip
-            q = runner.submit(quantize_task, {
-                "shard": shard, "paths": paths, "out_dir": str(dest.staging), "config": qconfig,
-                "device": dev, "limit": limits[dev]})  # fmt: skip
+            paths = submit(runner, download_task, shard, source=plan.source, files=shard.files,
+                           cache_dir=cache)  # fmt: skip
+            q = submit(runner, quantize_task, shard, shard=shard, paths=paths, config=qconfig,
+                       out_dir=str(dest.staging), device=dev, limit=limits[dev])  # fmt: skip
             window.append(q)
-            futures[runner.submit(redo, {"manifest": q, "dest": dest, "key": key})] = shard
+            futures[submit(runner, redo, shard, manifest=q, dest=dest, key=key)] = shard
             chains[shard.name] = (paths, q)
         if cached:
             logger.info("%d of %d shards already done (cached)", len(cached), len(plan.shards))
@@ -131,6 +130,12 @@ def quantize_checkpoint(
     }
     _table(summary)
     return summary
+
+
+def submit(runner, task, for_shard, **parameters):
+    """Submit one stage of a shard, its run named by stage and shard (`quantize model-0003...`)."""
+    name = f"{task.name} {for_shard.name}"
+    return runner.submit(task.with_options(task_run_name=name), parameters)
 
 
 def _collect(plan, futures: dict, chains: dict, cached: set, delete_downloads: bool):
