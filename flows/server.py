@@ -27,13 +27,13 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
             return r.status == 200
@@ -56,7 +56,7 @@ def prefect_server(timeout: float = 120.0) -> Iterator[str]:
     if PREFECT_API_URL.value():
         yield PREFECT_API_URL.value()
         return
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "0"}
     proc = subprocess.Popen(
@@ -67,7 +67,7 @@ def prefect_server(timeout: float = 120.0) -> Iterator[str]:
     )  # fmt: skip
     try:
         deadline = time.monotonic() + timeout
-        while not _healthy(url):
+        while not healthy(url):
             if proc.poll() is not None:
                 err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
                 raise RuntimeError(f"prefect server exited with {proc.returncode}:\n{err}")

@@ -7,7 +7,7 @@ parsing and can read a fused partner from any source shard.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from storage.safetensors import TensorSpec
 
@@ -83,6 +83,3 @@ class Plan:
 
     def weight_map(self) -> dict[str, str]:
         return {spec.name: s.name for s in self.shards for spec in s.specs}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
