@@ -142,18 +142,22 @@ def read_file_header(path: str | os.PathLike, label: str | None = None) -> Heade
 def read_tensor(
     f: BinaryIO, start: int, stop: int, dtype: str, shape: tuple[int, ...]
 ) -> torch.Tensor:
-    """Read the bytes [start, stop) of an open file into a new CPU tensor."""
-    buf = bytearray(stop - start)
+    """Read the bytes [start, stop) of an open file into a new CPU tensor.
+
+    The buffer is an uninitialized tensor: a zeroed bytearray would write every
+    page once more before the read fills it.
+    """
+    buf = torch.empty(stop - start, dtype=torch.uint8)
     f.seek(start)
-    got = f.readinto(buf)
+    got = f.readinto(memoryview(buf.numpy())) if len(buf) else 0
     if got != len(buf):
         raise PtqflowError(
             f"{getattr(f, 'path', getattr(f, 'name', 'a source file'))} ended early "
             f"({got} of {len(buf)} bytes at offset {start}); was it modified during the run?"
         )
-    if not buf:
+    if not len(buf):
         return torch.empty(shape, dtype=DTYPES[dtype])
-    return torch.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
+    return buf.view(DTYPES[dtype]).reshape(shape)
 
 
 def layout(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int]]:
