@@ -4,13 +4,23 @@ Quantization parameters are computed exactly as llm-compressor's min-max weight
 observer does (same reshapes, same dtypes), then compressed-tensors' own
 `calculate_qparams`, `generate_gparam` and compressor classes produce the
 stored tensors, so the bytes are those compressed-tensors produces itself.
+
+On the CPU a weight is quantized in row chunks that stay in cache, spread
+over one single-threaded worker per core, and the common schemes (FP8, INT4
+packed, NVFP4) take shorter routes to the same bytes than compressed-tensors'
+own CPU code; tests/test_quantize_speed.py holds the proofs.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import math
+import os
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import BinaryIO
@@ -25,31 +35,37 @@ from tasks.plan import ShardPlan
 
 Tensors = dict[str, torch.Tensor]
 
+# Elements per row chunk: a chunk's input and intermediates stay in a core's L2 cache.
+CHUNK_ELEMENTS = 1 << 20
+
 
 def observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of `weight` per scale element (llm-compressor's min-max observer)."""
+    """Min and max of `weight` per scale element (llm-compressor's min-max observer).
+
+    Reduces strided views in place of the observer's transposed copies: min and
+    max are exact in any order, so the values are the observer's.
+    """
     from compressed_tensors.quantization import QuantizationStrategy as S
     from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
 
     if args.strategy == S.TENSOR:
-        flat = weight.reshape(1, 1, -1)
-    elif args.strategy == S.CHANNEL:
-        flat = weight.unsqueeze(-2).unsqueeze(0)
-    elif args.strategy in (S.GROUP, S.TENSOR_GROUP):
+        return torch.amin(weight).reshape(1), torch.amax(weight).reshape(1)
+    if args.strategy == S.CHANNEL:
+        return torch.amin(weight, dim=-1, keepdim=True), torch.amax(weight, dim=-1, keepdim=True)
+    if args.strategy in (S.GROUP, S.TENSOR_GROUP):
         if weight.shape[-1] % args.group_size:
             raise ValueError(
                 f"{weight.shape[-1]} columns are not divisible by group size {args.group_size}"
             )
-        flat = weight.unflatten(-1, (-1, args.group_size)).unsqueeze(0)
-    elif args.strategy == S.BLOCK:
+        groups = weight.unflatten(-1, (-1, args.group_size))
+        return torch.amin(groups, dim=-1), torch.amax(groups, dim=-1)
+    if args.strategy == S.BLOCK:
         bh, bw = args.block_structure
         padded = maybe_pad_tensor_for_block_quant(weight, tuple(args.block_structure))
         rows, cols = padded.shape
-        flat = padded.reshape(rows // bh, bh, cols // bw, bw).transpose(1, 2).flatten(-2, -1)
-        flat = flat.unsqueeze(0)
-    else:
-        raise ValueError(f"strategy {args.strategy} cannot be applied to weights")
-    return torch.amin(flat, dim=(0, -1)), torch.amax(flat, dim=(0, -1))
+        blocks = padded.view(rows // bh, bh, cols // bw, bw)
+        return torch.amin(blocks, dim=(1, 3)), torch.amax(blocks, dim=(1, 3))
+    raise ValueError(f"strategy {args.strategy} cannot be applied to weights")
 
 
 def scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -59,39 +75,272 @@ def scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float16
 
 
-@torch.no_grad()
-def quantize_weights(weights: list[torch.Tensor], scheme) -> list[Tensors]:
-    """Compressed state dicts (local names: weight_packed, weight_scale, ...) of `weights`.
+def row_chunks(weight: torch.Tensor, args, chunk_elements: int) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) that quantize independently of each other.
 
-    The weights share one global scale when the scheme has one (NVFP4): pass
-    all members of a fused set together.
+    Rows are independent given their scales; a chunk holds whole scale blocks
+    (BLOCK) and a multiple of 32 rows, so a zero point packed along rows
+    (pack-quantized, asymmetric) packs into whole int32 words.
+    """
+    from compressed_tensors.quantization import QuantizationStrategy as S
+
+    rows, cols = weight.shape
+    if weight.is_meta or rows == 0:
+        return [(0, rows)]
+    unit = math.lcm(32, args.block_structure[0] if args.strategy == S.BLOCK else 1)
+    step = max(unit, chunk_elements // max(cols, 1) // unit * unit)
+    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+
+
+def _join(pieces: list[Tensors], shared: set[str], shape: torch.Size) -> Tensors:
+    """One compressed state dict from those of consecutive row chunks.
+
+    `shared` keys were passed whole to every chunk (global scale, per-tensor
+    scale) and come back unchanged; `weight_shape` (pack-quantized) is the
+    original shape; everything else is per row and concatenated.
+    """
+    out = {}
+    for key, first in pieces[0].items():
+        if key in shared or len(pieces) == 1:
+            out[key] = first
+        elif key == "weight_shape":
+            out[key] = torch.tensor(shape, dtype=first.dtype)
+        else:
+            parts = [p[key] for p in pieces]
+            rows = sum(len(p) for p in parts)
+            out[key] = torch.empty((rows, *first.shape[1:]), dtype=first.dtype)
+            torch.cat(parts, out=out[key])
+    return out
+
+
+def _global_scale(weights: list[torch.Tensor]) -> torch.Tensor:
+    """The TENSOR_GROUP (NVFP4) global scale shared by `weights`, as llm-compressor fuses it."""
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    absmax = None
+    for w in weights:
+        lo, hi = torch.aminmax(w)
+        m = torch.max(-lo, hi)
+        absmax = m if absmax is None else torch.max(absmax, m)
+    return generate_gparam(-absmax.reshape(1), absmax.reshape(1))
+
+
+# --- shorter routes to compressed-tensors' bytes ------------------------------------------
+#
+# compressed-tensors' CPU path converts and copies more than its result needs:
+# clamps with tensor bounds (a slow broadcast), rounds FP8 through the weight's
+# dtype and back (an unvectorized conversion), and packs INT4 by scatter-adds.
+# These routes do the same arithmetic on the same operands in fewer passes;
+# tests/test_quantize_speed.py checks them against compressed-tensors on every
+# bf16 and fp16 quotient value and on whole weights with edge values.
+
+
+def _divide(x: torch.Tensor, scale: torch.Tensor, args) -> torch.Tensor:
+    """x / scale per element with compressed-tensors' operands and dtypes, in x's shape."""
+    from compressed_tensors.quantization import QuantizationStrategy as S
+    from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
+
+    if args.strategy == S.BLOCK:
+        bh, bw = args.block_structure
+        padded = maybe_pad_tensor_for_block_quant(x, tuple(args.block_structure))
+        rows, cols = padded.shape
+        blocks = padded.view(rows // bh, bh, cols // bw, bw)
+        q = blocks / scale.view(rows // bh, 1, cols // bw, 1)
+        return q.view(rows, cols)[: x.shape[0], : x.shape[1]]
+    if args.strategy in (S.GROUP, S.TENSOR_GROUP):
+        return (x.unflatten(-1, (-1, args.group_size)) / scale.unsqueeze(-1)).flatten(-2)
+    return x / scale
+
+
+def _fp8_weight(x: torch.Tensor, scale: torch.Tensor, args) -> torch.Tensor:
+    """compressed-tensors' FP8 weight: clamp(x / scale) -> fp8 -> x.dtype -> fp8.
+
+    With finite operands the quotient is finite: clamping with Python-number
+    bounds gives what tensor bounds give, and the round trip through x.dtype
+    returns every finite fp8 value unchanged, so one in-place clamp and one
+    conversion remain.
+    """
+    from compressed_tensors.quantization.quant_args import FP8_E4M3_DATA
+
+    q = _divide(x, scale, args)
+    return q.clamp_(FP8_E4M3_DATA.min, FP8_E4M3_DATA.max).to(FP8_E4M3_DATA.dtype)
+
+
+def _int4_packed(x: torch.Tensor, scale: torch.Tensor, args) -> torch.Tensor:
+    """pack_to_int32(round(clamp(x / scale, -8, 7)), 4) for rows of a multiple of 8 values.
+
+    pack_to_int32 puts value k of each run of 8 (offset by 8) at bits 4k of an
+    int32; on a little-endian host that is byte k // 2, low nibble for even k.
+    """
+    q = _divide(x, scale, args).clamp_(-8, 7).round_().add_(8).to(torch.uint8)
+    pairs = q.view(q.shape[0], -1, 2)
+    packed = pairs[..., 0] | (pairs[..., 1] << 4)
+    return packed.view(torch.int32)
+
+
+# Round-to-nearest-even boundaries of |x| between the FP4 (E2M1) magnitudes
+# 0, 0.5, 1, 1.5, 2, 3, 4, 6, as compressed-tensors' cast_to_fp4 draws them:
+# (boundary, whether the boundary itself rounds up).
+FP4_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
+             (3.5, True), (5.0, False))  # fmt: skip
+
+
+def _fp4_packed(x: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, args):
+    """quantize_and_pack_fp4(x, scale, global_scale) where scale / global_scale is finite, not 0.
+
+    compressed-tensors clamps x / (scale / global_scale) to [-6, 6], rounds it
+    to FP4 with 8 masked writes, then recovers each FP4 code from the rounded
+    value with 8 more. The code is the number of boundaries below |x| (ties
+    rounding to the even code), plus 8 for x < 0 (a value that rounds to zero
+    keeps its sign, an exact -0.0 does not: torch.sign(-0.0) is 0).
+    """
+    q = _divide(x, scale / global_scale, args).clamp_(-6.0, 6.0)
+    a = q.abs()
+    code = (q < 0).to(torch.uint8).mul_(8)
+    for boundary, up in FP4_STEPS:
+        code += a >= boundary if up else a > boundary
+    pairs = code.view(code.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def compress_function(scheme) -> Callable[[Tensors], Tensors]:
+    """compressed-tensors' compressor.compress(state, scheme), by a shorter route where one exists.
+
+    The routes take symmetric FP8 (tensor, channel, block), INT4 pack-quantized
+    (channel, group) and NVFP4 weights whose scales are finite (NVFP4: and
+    nonzero). A scale is finite exactly when the values it scales are (min and
+    max propagate NaN and infinity), so the routes never see the NaNs whose sign
+    compressed-tensors' conversions rewrite; rows with an infinite or NaN weight
+    go through compressed-tensors itself.
     """
     from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationStrategy
-    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+    from compressed_tensors.quantization import QuantizationStrategy as S
 
     from tasks.schemes import scheme_format
 
-    args = scheme.weights
-    stats = [observe(w, args) for w in weights]
-    global_scale = None
-    if args.strategy == QuantizationStrategy.TENSOR_GROUP:
-        absmax = stats[0][1].max()
-        for lo, hi in stats:
-            absmax = torch.max(absmax, -lo.min())
-            absmax = torch.max(absmax, hi.max())
-        global_scale = generate_gparam(-absmax.reshape(1), absmax.reshape(1))
-    compressor = BaseCompressor.get_value_from_registry(scheme_format(scheme))
-    out = []
-    for w, (lo, hi) in zip(weights, stats, strict=True):
-        scale, zero_point = calculate_qparams(lo, hi, args, global_scale=global_scale)
-        state = {"weight": w, "weight_scale": scale.to(scale_dtype(w.dtype))}
+    args, fmt = scheme.weights, scheme_format(scheme)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    kind = (args.type, args.num_bits, args.strategy)
+    fp8 = fmt in ("float-quantized", "naive-quantized") and kind in (
+        ("float", 8, S.TENSOR), ("float", 8, S.CHANNEL), ("float", 8, S.BLOCK)
+    )  # fmt: skip
+    int4 = fmt == "pack-quantized" and kind in (("int", 4, S.CHANNEL), ("int", 4, S.GROUP))
+    fp4 = fmt == "nvfp4-pack-quantized" and kind == ("float", 4, S.TENSOR_GROUP)
+    shortcut = (fp8 or int4 or fp4) and args.symmetric and sys.byteorder == "little"
+
+    def compress(state: Tensors) -> Tensors:
+        w, scale = state["weight"], state["weight_scale"]
+        if fp4 and not w.is_meta:
+            scale = scale / state["weight_global_scale"]  # what the FP4 values are scaled by
+        if (
+            not shortcut
+            or w.is_meta
+            or (int4 and w.shape[-1] % 8)
+            or not torch.isfinite(scale).all()
+            or (fp4 and not scale.all())
+        ):
+            return compressor.compress(state, scheme)
+        out = {k: v for k, v in state.items() if k != "weight"}
+        if fp8:
+            out["weight"] = _fp8_weight(w, scale, args)
+        elif int4:
+            out["weight_packed"] = _int4_packed(w, scale, args)
+            out["weight_shape"] = torch.tensor(w.shape)
+        else:
+            out["weight_packed"] = _fp4_packed(w, state["weight_scale"],
+                                               state["weight_global_scale"], args)  # fmt: skip
+            del out["weight_scale"]  # stored as the compressor stores it, after the weight
+            out["weight_scale"] = compressor._compress_scale(state["weight_scale"], args)
+        return out
+
+    return compress
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """One thread per core for row chunks, each running torch's ops on itself alone.
+
+    Small ops split over torch's OpenMP threads end in a barrier each; on a
+    busy machine one descheduled thread stalls the others at every op, which
+    made chunked quantization several times slower than on one thread.
+    Chunks on separate single-threaded workers never wait for each other.
+    (torch.set_num_threads in a worker sets that thread's OpenMP team size,
+    and the default for threads that have not run a parallel op yet.)
+    """
+    return ThreadPoolExecutor(
+        os.cpu_count() or 1, thread_name_prefix="ptqflow-quantize",
+        initializer=torch.set_num_threads, initargs=(1,),
+    )  # fmt: skip
+
+
+def _compress_rows(weight, r0: int, r1: int, *, args, compress, whole: dict) -> Tensors:
+    """Compressed state dict of rows [r0, r1) of `weight`.
+
+    `whole` holds parameters computed on the whole weight (global scale, or
+    the per-tensor scale and zero point); everything else comes from the
+    chunk's own min and max, which are those of its rows in the whole weight.
+    """
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    part = weight[r0:r1]
+    state = {"weight": part, **whole}
+    if "weight_scale" not in whole:
+        lo, hi = observe(part, args)
+        scale, zero_point = calculate_qparams(
+            lo, hi, args, global_scale=whole.get("weight_global_scale")
+        )
+        state["weight_scale"] = scale.to(scale_dtype(weight.dtype))
         if not args.symmetric:
             state["weight_zero_point"] = zero_point.to(args.zp_dtype)
-        if global_scale is not None:
-            state["weight_global_scale"] = global_scale.to(torch.float32)
-        out.append(compressor.compress(state, scheme))
+    return compress(state)
+
+
+@torch.no_grad()
+def quantize_weights(
+    weights: list[torch.Tensor], scheme, chunk_elements: int = CHUNK_ELEMENTS
+) -> list[Tensors]:
+    """Compressed state dicts (local names: weight_packed, weight_scale, ...) of `weights`.
+
+    The weights share one global scale when the scheme has one (NVFP4): pass
+    all members of a fused set together. Each weight is observed, quantized
+    and compressed in row chunks of about `chunk_elements` elements, which
+    gives the bytes compressed-tensors gives for the whole weight.
+    """
+    from compressed_tensors.quantization import QuantizationStrategy as S
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = scheme.weights
+    compress = compress_function(scheme)
+    whole = {}
+    if args.strategy == S.TENSOR_GROUP:
+        whole["weight_global_scale"] = _global_scale(weights).to(torch.float32)
+    out = []
+    for w in weights:
+        shared = dict(whole)
+        if args.strategy == S.TENSOR:
+            scale, zero_point = calculate_qparams(*observe(w, args), args)
+            shared["weight_scale"] = scale.to(scale_dtype(w.dtype))
+            if not args.symmetric:
+                shared["weight_zero_point"] = zero_point.to(args.zp_dtype)
+        chunks = row_chunks(w, args, chunk_elements)
+        parallel = _pool().map if w.device.type == "cpu" and len(chunks) > 1 else map
+        rows = functools.partial(_compress_rows, w, args=args, compress=compress, whole=shared)
+        pieces = list(parallel(lambda c, rows=rows: rows(*c), chunks))
+        out.append(_join(pieces, set(shared), w.shape))
     return out
+
+
+def unit_outputs(unit, tensors: list[torch.Tensor], schemes: dict, device) -> list[tuple]:
+    """(output name, tensor) pairs of one unit: quantized, or the tensors as read."""
+    if unit.group is None:
+        return [(w.name, t) for w, t in zip(unit.weights, tensors, strict=True)]
+    tensors = [t.to(device, non_blocking=True) for t in tensors]
+    states = quantize_weights(tensors, schemes[unit.group])
+    return [
+        (f"{w.module}.{key}", value)
+        for w, state in zip(unit.weights, states, strict=True)
+        for key, value in state.items()
+    ]
 
 
 def write_shard(
@@ -105,10 +354,20 @@ def write_shard(
 
     `open_source(file)` opens a source file for reading; `schemes` maps config
     group -> QuantizationScheme. Only the tensors of one unit (one weight, or
-    one fused set) are in memory at a time.
+    one fused set) are in memory at a time. The manifest's `stages` holds the
+    seconds spent reading, quantizing and writing (with fsync and hashing).
     """
     device = torch.device(device)
     start = time.monotonic()
+    stages = dict.fromkeys(("read", "quantize", "write"), 0.0)
+    last = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        stages[stage] += now - last
+        last = now
+
     try:
         with ExitStack() as stack:
             files = {name: stack.enter_context(open_source(name)) for name in shard.files}
@@ -119,15 +378,14 @@ def write_shard(
                                 w.read.shape)
                     for w in unit.weights
                 ]  # fmt: skip
-                if unit.group is None:
-                    for w, t in zip(unit.weights, tensors, strict=True):
-                        writer.write(w.name, t)
-                    continue
-                tensors = [t.to(device, non_blocking=True) for t in tensors]
-                states = quantize_weights(tensors, schemes[unit.group])
-                for w, state in zip(unit.weights, states, strict=True):
-                    for key, value in state.items():
-                        writer.write(f"{w.module}.{key}", value)
+                lap("read")
+                outputs = unit_outputs(unit, tensors, schemes, device)
+                del tensors
+                lap("quantize")
+                for name, value in outputs:
+                    writer.write(name, value)
+                del outputs
+                lap("write")
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise PtqflowError(
@@ -136,13 +394,16 @@ def write_shard(
             ) from None
         raise
     path = out_dir / shard.name
-    return {
+    manifest = {
         "name": shard.name,
         "size": path.stat().st_size,
         "sha256": sha256_file(path),
         "bytes_in": shard.bytes_in,
-        "seconds": round(time.monotonic() - start, 3),
     }
+    lap("write")
+    manifest["seconds"] = round(time.monotonic() - start, 3)
+    manifest["stages"] = {k: round(v, 3) for k, v in stages.items()}
+    return manifest
 
 
 def meta_outputs(shape: tuple[int, ...], dtype: str, scheme) -> list[tuple[str, str, tuple]]:
