@@ -43,6 +43,7 @@ STAGES = ("read", "quantize", "write")
 
 def child_plain(src: str, dst: str, scheme: str, max_workers: int, ignore: list[str]) -> dict:
     """ptqflow without Prefect: plan, write_shard over a thread pool, finalize."""
+    import importlib
     from concurrent.futures import ThreadPoolExecutor
 
     from storage.dest import Dest
@@ -52,6 +53,8 @@ def child_plain(src: str, dst: str, scheme: str, max_workers: int, ignore: list[
     from tasks.reindex import plan_checkpoint
     from tasks.schemes import resolve_config
 
+    # imported before the clock starts, as run_llmcompressor.py imports llm-compressor
+    importlib.import_module("compressed_tensors.compressors")
     start = time.perf_counter()
     config = resolve_config(scheme, ignore=ignore)
     plan, _ = plan_checkpoint(src, config)
