@@ -1,4 +1,4 @@
-"""`ptqflow` command line: quantize, plan, reindex-fused-weights.
+"""`ptqflow` command line: quantize, plan, reindex-fused-weights, verify.
 
 Heavy modules (torch, prefect, compressed-tensors) are imported inside the
 commands, so `ptqflow --help` answers at once.
@@ -83,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--revision", help="Hub source: branch, tag or commit")
     r.add_argument("--cache-dir", help="where remote source shards are downloaded")
     r.add_argument("--overwrite", action="store_true")
+    v = sub.add_parser(
+        "verify", help="check QUANTIZED against SOURCE: complete, byte-exact, accurate, loadable"
+    )
+    v.add_argument("source", help="the checkpoint QUANTIZED was made from")
+    v.add_argument("quantized", help="ptqflow's output: folder, Hub repo id or fsspec URL")
+    v.add_argument(
+        "--report", metavar="DIR",
+        help="where report.md, tensors.csv and errors.png go "
+        "(default: QUANTIZED/.ptqflow/verify, or under PREFECT_HOME for a remote QUANTIZED)",
+    )  # fmt: skip
+    v.add_argument("--max-workers", type=int, default=1, help="shards checked in parallel")
+    v.add_argument("--device", help="where to re-quantize: cpu or cuda:N (default: cuda:0 if any)")
+    v.add_argument(
+        "--load", action="store_true",
+        help="also load both with transformers and compare logits (small models only)",
+    )  # fmt: skip
+    v.add_argument("--revision", help="Hub SOURCE: branch, tag or commit (default: main)")
+    v.add_argument("--cache-dir", help="where remote shards are downloaded")
     sv = sub.add_parser(
         "serve", help="serve the flows as deployments 'quantize' and 'reindex' (no work pool)"
     )
@@ -209,11 +227,38 @@ def cmd_reindex(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(a: argparse.Namespace) -> int:
+    from flows.server import prefect_server
+    from flows.verify import run_verify
+    from storage.source import open_source
+    from tasks.verify import check_integrity, open_quantized
+
+    # What makes verification impossible (no SOURCE, no quantization_config) before Prefect.
+    check_integrity(open_source(a.source, a.revision), open_quantized(a.quantized))
+    with prefect_server():
+        result = run_verify(source=a.source, quantized=a.quantized, report_dir=a.report,
+                            max_workers=a.max_workers, device=a.device, load=a.load,
+                            revision=a.revision, cache_dir=a.cache_dir)  # fmt: skip
+    c, worst = result["counts"], result["worst"]
+    print(f"verified {result['quantized']}: {c.get('quantized', 0)} quantized, "
+          f"{c.get('ignored', 0)} ignored and {c.get('copied', 0)} copied weights, every byte "
+          f"as SOURCE gives it; {result['size_in'] / 1e9:.3f} GB -> "
+          f"{result['size_out'] / 1e9:.3f} GB")  # fmt: skip
+    if worst:
+        print(f"worst relative error {worst[0]['rel_error']:.4g} (limit {worst[0]['limit']:.4g})"
+              f": {worst[0]['tensor']}")  # fmt: skip
+    if result["logits"]:
+        print("logits vs SOURCE: " + ", ".join(f"{k} {x:.4g}" for k, x in result["logits"].items()))
+    print(f"report: {result['report']}")
+    return 0
+
+
 COMMANDS = {
     "quantize": cmd_quantize,
     "plan": cmd_plan,
     "reindex-fused-weights": cmd_reindex,
     "serve": cmd_serve,
+    "verify": cmd_verify,
 }
 
 
