@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run shards on threads here, or on Dask workers",
     )  # fmt: skip
     q.add_argument("--dask-address", help="existing Dask scheduler (default: a LocalCluster)")
+    q.add_argument(
+        "--verify",
+        action="store_true",
+        help="verify DEST against SOURCE at the end (ptqflow verify)",
+    )
     q.add_argument("--revision", help="Hub source: branch, tag or commit (default: main)")
     q.add_argument("--private", action="store_true", help="hf:// DEST: create the repo private")
     q.add_argument("--cache-dir", help="where remote source shards are downloaded")
@@ -154,6 +159,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
             private=a.private,
             task_runner=a.task_runner,
             dask_address=a.dask_address,
+            verify=a.verify,
         )
     print_summary(result)
     return 0

@@ -38,6 +38,7 @@ from tasks.quantize import quantize_task
 from tasks.reindex import plan_task
 from tasks.schemes import resolve_config
 from tasks.upload import upload_task
+from tasks.verify import verify_task
 
 
 def default_device() -> str:
@@ -70,6 +71,7 @@ def quantize_checkpoint(
     private: bool = False,
     task_runner: TaskRunnerName = "threads",
     dask_address: Annotated[str | None, Field(description="tcp://scheduler:8786")] = None,
+    verify: Annotated[bool, Field(description="check DEST as verify-checkpoint does")] = False,
 ) -> dict:
     """Quantize SOURCE into DESTINATION with a preset `scheme` or a QuantizationConfig.
 
@@ -129,6 +131,9 @@ def quantize_checkpoint(
         "seconds": round(time.monotonic() - started, 1),
     }
     _table(summary)
+    if verify:  # raises naming every failing tensor
+        summary["verify"] = verify_task(plan.source, dest.url, max_workers=max_workers,
+                                        device=devices[0], cache_dir=cache)  # fmt: skip
     return summary
 
 

@@ -334,3 +334,16 @@ def test_cli_runs_the_flow_and_fails_naming_the_tensor(output, copy_of, capsys, 
     assert "Traceback" not in err
     report = bad / ".ptqflow" / "verify" / "report.md"
     assert f"report: {report}" in err and name in report.read_text()
+
+
+def test_quantize_with_verify_runs_it_last(tmp_path, prefect_server):
+    from flows.quantize import run_quantize
+    from tests.checkpoints import build_checkpoint
+
+    src = build_checkpoint(tmp_path / "src", "llama", shards=2)
+    result = run_quantize(
+        source=str(src), destination=str(tmp_path / "out"), scheme="W4A16",
+        ignore=["lm_head", "model.embed_tokens"], device="cpu", verify=True,
+    )  # fmt: skip
+    assert result["verify"]["ok"] is True
+    assert (tmp_path / "out" / ".ptqflow" / "verify" / "report.md").exists()
