@@ -7,7 +7,6 @@ into the Hugging Face cache or `--cache-dir`).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import posixpath
@@ -19,7 +18,7 @@ from typing import BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.errors import PtqflowError
+from tasks.errors import PtqflowError, disk_full_is
 
 
 @dataclass
@@ -119,19 +118,13 @@ class Folder:
         if done > size:
             partial.unlink()
             done = 0
-        try:
-            with self.open(rel) as src, open(partial, "ab") as out:
-                src.seek(done)
-                while block := src.read(min(chunk, size - done)):
-                    out.write(block)
-                    done += len(block)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise PtqflowError(
-                    f"disk full while downloading {rel} into {cache_dir}; "
-                    "free space (or use --cache-dir elsewhere) and run again to resume"
-                ) from None
-            raise
+        full = (f"disk full while downloading {rel} into {cache_dir}; "
+                "free space (or use --cache-dir elsewhere) and run again to resume")  # fmt: skip
+        with disk_full_is(full), self.open(rel) as src, open(partial, "ab") as out:
+            src.seek(done)
+            while block := src.read(min(chunk, size - done)):
+                out.write(block)
+                done += len(block)
         if done != size:
             raise OSError(f"{self.path(rel)}: got {done} of {size} bytes")
         partial.replace(target)

@@ -13,7 +13,6 @@ own CPU code; tests/test_quantize_speed.py holds the proofs.
 
 from __future__ import annotations
 
-import errno
 import functools
 import math
 import os
@@ -30,7 +29,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.safetensors import DTYPE_NAMES, DTYPES, ShardWriter, read_tensor, sha256_file
-from tasks.errors import PtqflowError
+from tasks.errors import disk_full_is
 from tasks.plan import ShardPlan
 
 Tensors = dict[str, torch.Tensor]
@@ -368,31 +367,25 @@ def write_shard(
         stages[stage] += now - last
         last = now
 
-    try:
-        with ExitStack() as stack:
-            files = {name: stack.enter_context(open_source(name)) for name in shard.files}
-            writer = stack.enter_context(ShardWriter(out_dir / shard.name, shard.specs))
-            for unit in shard.units:
-                tensors = [
-                    read_tensor(files[w.read.file], w.read.start, w.read.stop, w.read.dtype,
-                                w.read.shape)
-                    for w in unit.weights
-                ]  # fmt: skip
-                lap("read")
-                outputs = unit_outputs(unit, tensors, schemes, device)
-                del tensors
-                lap("quantize")
-                for name, value in outputs:
-                    writer.write(name, value)
-                del outputs
-                lap("write")
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise PtqflowError(
-                f"disk full while writing {out_dir / shard.name}; free space and run the same "
-                "command again: finished shards are kept"
-            ) from None
-        raise
+    full = (f"disk full while writing {out_dir / shard.name}; free space and run the same "
+            "command again: finished shards are kept")  # fmt: skip
+    with disk_full_is(full), ExitStack() as stack:
+        files = {name: stack.enter_context(open_source(name)) for name in shard.files}
+        writer = stack.enter_context(ShardWriter(out_dir / shard.name, shard.specs))
+        for unit in shard.units:
+            tensors = [
+                read_tensor(files[w.read.file], w.read.start, w.read.stop, w.read.dtype,
+                            w.read.shape)
+                for w in unit.weights
+            ]  # fmt: skip
+            lap("read")
+            outputs = unit_outputs(unit, tensors, schemes, device)
+            del tensors
+            lap("quantize")
+            for name, value in outputs:
+                writer.write(name, value)
+            del outputs
+            lap("write")
     path = out_dir / shard.name
     manifest = {
         "name": shard.name,
