@@ -28,10 +28,10 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from storage.dest import Dest, default_state_dir
+from storage.dest import Dest
 from storage.results import result_store, shard_key, still_valid, stored_manifest
 from storage.source import Folder
-from tasks.download import download_task
+from tasks.download import cache_dir_for, download_task
 from tasks.errors import PtqflowError
 from tasks.finalize import finalize_task
 from tasks.quantize import quantize_task
@@ -86,8 +86,7 @@ def quantize_checkpoint(
     dest.prepare(plan.source, overwrite)
     store = result_store(dest, result_storage)
     remote = not Folder(plan.source).is_local
-    hub = plan.source.startswith("hf://")
-    cache = cache_dir or (None if hub else str(default_state_dir() / "downloads"))
+    cache = cache_dir_for(Folder(plan.source), cache_dir)
     devices = (device or default_device()).split(",")
     upload = upload_task.with_options(result_storage=store)
     redo = upload.with_options(refresh_cache=True)

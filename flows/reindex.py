@@ -8,9 +8,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from storage.dest import Dest, default_state_dir
+from storage.dest import Dest
 from storage.source import Folder, open_source
-from tasks.download import download
+from tasks.download import cache_dir_for, download
 from tasks.finalize import finalize_task
 from tasks.quantize import write_shard
 from tasks.reindex import load_source, reindex_plan
@@ -25,10 +25,8 @@ def reindex_plan_task(source: str, revision: str | None = None):
 @task(name="copy-shard", cache_policy=NO_CACHE)
 def copy_shard_task(shard, source: str, dest: Dest, cache_dir: str | None) -> dict:
     folder = Folder(source)
-    cache = Path(cache_dir) if cache_dir else None
-    if cache is None and not folder.is_local and not folder.is_hub:
-        cache = default_state_dir() / "downloads"
-    paths = download(folder, shard.files, cache)
+    cache = cache_dir_for(folder, cache_dir)
+    paths = download(folder, shard.files, Path(cache) if cache else None)
     manifest = write_shard(shard, lambda f: open(paths[f], "rb"), dest.staging, {})
     return upload(manifest, dest)
 

@@ -11,6 +11,15 @@ from prefect.tasks import exponential_backoff
 from storage.source import Folder
 
 
+def cache_dir_for(source: Folder, cache_dir: str | None) -> str | None:
+    """Where remote shards go: `cache_dir`, else the HF cache for the Hub, else PREFECT_HOME."""
+    if cache_dir or source.is_local or source.is_hub:
+        return cache_dir
+    from storage.dest import default_state_dir
+
+    return str(default_state_dir() / "downloads")
+
+
 def download(source: Folder, files: list[str], cache_dir: Path | None) -> dict[str, str]:
     """Source file -> local path; local sources are used in place, remote ones copied."""
     return {rel: str(source.download(rel, cache_dir)) for rel in files}
