@@ -1,4 +1,4 @@
-"""`ptqflow` command line: quantize, plan, reindex-fused-weights, verify.
+"""`ptqflow` command line: quantize, dequantize, plan, reindex-fused-weights, verify.
 
 Heavy modules (torch, prefect, compressed-tensors) are imported inside the
 commands, so `ptqflow --help` answers at once.
@@ -27,17 +27,17 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ptqflow",
-        description="Quantize LLM safetensors checkpoints into compressed-tensors format.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def _source_format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--source-format", default="auto",
+        choices=("auto", "plain", "fp8-block", "compressed-tensors", "modelopt-nvfp4", "awq"),
+        help="how SOURCE stores its weights (default: from config.json's quantization_config)",
+    )  # fmt: skip
 
-    q = sub.add_parser("quantize", help="quantize SOURCE into DEST (flow quantize-checkpoint)")
-    q.add_argument("source", help="checkpoint folder or fsspec URL")
-    q.add_argument("dest", help="output folder")
-    _scheme_args(q)
+
+def _run_args(q: argparse.ArgumentParser) -> None:
+    """Options of the commands that run the quantize-checkpoint flow."""
+    _source_format_arg(q)
     q.add_argument("--max-workers", type=int, default=1, help="shards processed in parallel")
     q.add_argument(
         "--device", help="cpu, cuda:N or cuda:0,cuda:1,... (default: cuda:0 if present, else cpu)"
@@ -73,10 +73,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="also copy *.bin / *.pth / original/ weight files",
     )
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ptqflow",
+        description="Quantize LLM safetensors checkpoints into compressed-tensors format.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize SOURCE into DEST (flow quantize-checkpoint)")
+    q.add_argument("source", help="checkpoint folder, Hub repo id or fsspec URL")
+    q.add_argument("dest", help="output folder, hf://org/name or fsspec URL")
+    _scheme_args(q)
+    _run_args(q)
+    q.add_argument(
+        "--keep-source-quantization-for-ignored", action="store_true",
+        help="pre-quantized SOURCE: ignored layers keep its quantization (mixed-precision "
+        "config) instead of becoming BF16",
+    )  # fmt: skip
+    d = sub.add_parser(
+        "dequantize", help="write a pre-quantized SOURCE as a BF16 checkpoint in DEST"
+    )
+    d.add_argument("source", help="checkpoint folder, Hub repo id or fsspec URL")
+    d.add_argument("dest", help="output folder, hf://org/name or fsspec URL")
+    _run_args(d)
+
     p = sub.add_parser("plan", help="dry run: read headers, show what would be done")
     p.add_argument("source")
     p.add_argument("--revision", help="Hub source: branch, tag or commit")
     _scheme_args(p)
+    _source_format_arg(p)
+    p.add_argument(
+        "--keep-source-quantization-for-ignored", action="store_true",
+        help="plan ignored layers of a pre-quantized SOURCE in its own quantization",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     r = sub.add_parser(
@@ -128,6 +158,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+DEQUANTIZE = {"config_groups": {}}  # a config that quantizes nothing: only dequantize
+
+
 def cmd_quantize(a: argparse.Namespace) -> int:
     from flows.quantize import run_quantize
     from flows.server import prefect_server
@@ -135,19 +168,23 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from tasks.reindex import plan_checkpoint
     from tasks.schemes import resolve_config
 
+    scheme, config, ignore = (None, DEQUANTIZE, []) if a.command == "dequantize" else (
+        a.scheme, a.config, a.ignore)  # fmt: skip
+    keep = getattr(a, "keep_source_quantization_for_ignored", False)
     # Check everything that can be checked from headers before Prefect starts.
     plan, _ = plan_checkpoint(
-        a.source, resolve_config(a.scheme, a.config, a.ignore), revision=a.revision
-    )
+        a.source, resolve_config(scheme, config, ignore), revision=a.revision,
+        source_format=a.source_format, keep_source_quantization=keep,
+    )  # fmt: skip
     Dest(a.dest).check(plan.source, a.overwrite)
     with prefect_server():
         result = run_quantize(
             max_workers=a.max_workers,
             source=a.source,
             destination=a.dest,
-            scheme=a.scheme,
-            config=a.config,
-            ignore=a.ignore,
+            scheme=scheme,
+            config=config,
+            ignore=ignore,
             device=a.device,
             overwrite=a.overwrite,
             include_other_weights=a.include_other_weights,
@@ -160,6 +197,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
             task_runner=a.task_runner,
             dask_address=a.dask_address,
             verify=a.verify,
+            source_format=a.source_format,
+            keep_source_quantization_for_ignored=keep,
         )
     print_summary(result)
     return 0
@@ -181,12 +220,15 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from tasks.schemes import resolve_config
 
     plan, report = plan_checkpoint(
-        a.source, resolve_config(a.scheme, a.config, a.ignore), strict=False, revision=a.revision
-    )
+        a.source, resolve_config(a.scheme, a.config, a.ignore), strict=False,
+        revision=a.revision, source_format=a.source_format,
+        keep_source_quantization=a.keep_source_quantization_for_ignored,
+    )  # fmt: skip
     if a.json:
         print(
             json.dumps(
                 {
+                    "source_format": report.source_format,
                     "shards": report.counts,
                     "output_bytes": plan.total_size,
                     "problems": report.problems,
@@ -198,6 +240,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
             )
         )
         return 1 if report.problems else 0
+    print(f"source format: {report.source_format}")
     print(f"{'shard':<40} {'quantized':>9} {'ignored':>8} {'kept':>6} {'output MB':>10}")
     for s in plan.shards:
         c = report.counts[s.name]
@@ -261,6 +304,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 COMMANDS = {
     "quantize": cmd_quantize,
+    "dequantize": cmd_quantize,
     "plan": cmd_plan,
     "reindex-fused-weights": cmd_reindex,
     "serve": cmd_serve,

@@ -31,6 +31,7 @@ from pydantic import Field
 from storage.dest import Dest
 from storage.results import result_store, shard_key, still_valid, stored_manifest
 from storage.source import Folder
+from tasks.dequantize import FORMATS
 from tasks.download import cache_dir_for, download_task
 from tasks.errors import PtqflowError
 from tasks.finalize import finalize_task
@@ -48,6 +49,7 @@ def default_device() -> str:
 
 
 TaskRunnerName = Literal["threads", "dask"]
+SourceFormatName = Literal[FORMATS]
 
 
 @flow(name="quantize-checkpoint")
@@ -72,16 +74,25 @@ def quantize_checkpoint(
     task_runner: TaskRunnerName = "threads",
     dask_address: Annotated[str | None, Field(description="tcp://scheduler:8786")] = None,
     verify: Annotated[bool, Field(description="check DEST as verify-checkpoint does")] = False,
+    source_format: Annotated[
+        SourceFormatName, Field(description="how SOURCE stores its weights (auto: config.json)")
+    ] = "auto",
+    keep_source_quantization_for_ignored: Annotated[
+        bool, Field(description="ignored layers keep a pre-quantized SOURCE's quantization")
+    ] = False,
 ) -> dict:
     """Quantize SOURCE into DESTINATION with a preset `scheme` or a QuantizationConfig.
 
     SOURCE is a folder, a Hub repo id (at `revision`) or an fsspec URL;
     DESTINATION a folder, `hf://org/name` (created, `private` if asked) or an fsspec URL.
+    A pre-quantized SOURCE (FP8 block, compressed-tensors, ModelOpt NVFP4, AutoAWQ)
+    is dequantized weight by weight on the way; a config without groups only dequantizes.
     """
     logger = get_run_logger()
     started = time.monotonic()
     qconfig = resolve_config(scheme, config, ignore or [])
-    plan = plan_task(source, qconfig, include_other_weights, revision)
+    plan = plan_task(source, qconfig, include_other_weights, revision, source_format,
+                     keep_source_quantization_for_ignored)  # fmt: skip
     dest = Dest(destination, private=private)
     dest.prepare(plan.source, overwrite)
     store = result_store(dest, result_storage)

@@ -41,6 +41,8 @@ def finalize(plan: Plan, source: Folder, dest: Dest, manifests: list[dict]) -> d
     model_config = json.loads(source.read_text("config.json"))
     if plan.config is not None:
         model_config["quantization_config"] = plan.config
+    elif plan.source_format is not None:  # dequantized
+        model_config.pop("quantization_config", None)
     dest.write("config.json", (json.dumps(model_config, indent=2, sort_keys=True) + "\n").encode())
     return index
 

@@ -26,14 +26,38 @@ class Read:
 
 @dataclass(frozen=True)
 class Weight:
-    """One output weight: `name` is its tensor name in the output (before compression)."""
+    """One output weight: `name` is its tensor name in the output (before compression).
+
+    A weight the source stores quantized is read from its main tensor `read` and
+    the tensors it is decoded with (`deps`: scales, shapes). `decoded` is its
+    dtype and shape once dequantized; None keeps it in the source's format.
+    """
 
     name: str
     read: Read
+    deps: tuple[Read, ...] = ()
+    decoded: tuple[str, tuple[int, ...]] | None = None
 
     @property
     def module(self) -> str:
         return self.name.rpartition(".")[0]
+
+    @property
+    def reads(self) -> tuple[Read, ...]:
+        return (self.read, *self.deps)
+
+    @property
+    def encoded(self) -> bool:
+        """Stored quantized in the source."""
+        return bool(self.deps)
+
+    @property
+    def dtype(self) -> str:
+        return self.decoded[0] if self.decoded else self.read.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.decoded[1] if self.decoded else self.read.shape
 
 
 @dataclass(frozen=True)
@@ -47,16 +71,28 @@ class Unit:
     group: str | None
 
 
+@dataclass(frozen=True)
+class SourceFormat:
+    """How a pre-quantized source stores its weights (see tasks/dequantize.py).
+
+    `name` is one of dequantize.FORMATS; `config` the source's quantization_config.
+    """
+
+    name: str
+    config: dict
+
+
 @dataclass
 class ShardPlan:
     name: str
     units: list[Unit]
     specs: list[TensorSpec]
+    source_format: SourceFormat | None = None  # None: the source is not quantized
 
     @property
     def files(self) -> list[str]:
         """Source files this shard reads from."""
-        return sorted({w.read.file for u in self.units for w in u.weights})
+        return sorted({r.file for u in self.units for w in u.weights for r in w.reads})
 
     @property
     def nbytes(self) -> int:
@@ -66,7 +102,7 @@ class ShardPlan:
     @property
     def bytes_in(self) -> int:
         """Bytes of source tensor data this shard reads."""
-        return sum(w.read.stop - w.read.start for u in self.units for w in u.weights)
+        return sum(r.stop - r.start for u in self.units for w in u.weights for r in w.reads)
 
 
 @dataclass
@@ -76,6 +112,7 @@ class Plan:
     shards: list[ShardPlan]
     other_files: list[str]
     fingerprints: dict[str, str] = field(default_factory=dict)  # source file -> version
+    source_format: SourceFormat | None = None
 
     @property
     def total_size(self) -> int:

@@ -29,6 +29,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.safetensors import DTYPE_NAMES, DTYPES, ShardWriter, read_tensor, sha256_file
+from tasks.dequantize import Codec
 from tasks.errors import disk_full_is
 from tasks.plan import ShardPlan
 
@@ -329,10 +330,39 @@ def quantize_weights(
     return out
 
 
-def unit_outputs(unit, tensors: list[torch.Tensor], schemes: dict, device) -> list[tuple]:
+def read_unit(unit, files: dict[str, BinaryIO], codec, device) -> list[torch.Tensor | Tensors]:
+    """The weights of one unit, as read; dequantized where the source stores them quantized.
+
+    A weight kept in its source's quantization comes back as its state dict in
+    compressed-tensors form.
+    """
+    out = []
+    for w in unit.weights:
+        tensors = {r.tensor: read_tensor(files[r.file], r.start, r.stop, r.dtype, r.shape)
+                   for r in w.reads}  # fmt: skip
+        if not w.encoded:
+            out.append(tensors[w.read.tensor])
+            continue
+        tensors = {k: t.to(device, non_blocking=True) for k, t in tensors.items()}
+        if w.decoded is None:
+            out.append(codec.keep(tensors))
+            continue
+        t = codec.decode(tensors)
+        if DTYPE_NAMES[t.dtype] != w.dtype or tuple(t.shape) != w.shape:
+            raise ValueError(f"{w.name} dequantized to {DTYPE_NAMES[t.dtype]} {list(t.shape)}, "
+                             f"the plan expected {w.dtype} {list(w.shape)}")  # fmt: skip
+        out.append(t)
+    return out
+
+
+def unit_outputs(unit, tensors: list, schemes: dict, device) -> list[tuple]:
     """(output name, tensor) pairs of one unit: quantized, or the tensors as read."""
     if unit.group is None:
-        return [(w.name, t) for w, t in zip(unit.weights, tensors, strict=True)]
+        return [
+            pair
+            for w, t in zip(unit.weights, tensors, strict=True)
+            for pair in (t.items() if isinstance(t, dict) else [(w.name, t)])
+        ]
     tensors = [t.to(device, non_blocking=True) for t in tensors]
     states = quantize_weights(tensors, schemes[unit.group])
     return [
@@ -354,7 +384,8 @@ def write_shard(
     `open_source(file)` opens a source file for reading; `schemes` maps config
     group -> QuantizationScheme. Only the tensors of one unit (one weight, or
     one fused set) are in memory at a time. The manifest's `stages` holds the
-    seconds spent reading, quantizing and writing (with fsync and hashing).
+    seconds spent reading (and dequantizing a pre-quantized source), quantizing
+    and writing (with fsync and hashing).
     """
     device = torch.device(device)
     start = time.monotonic()
@@ -372,12 +403,9 @@ def write_shard(
     with disk_full_is(full), ExitStack() as stack:
         files = {name: stack.enter_context(open_source(name)) for name in shard.files}
         writer = stack.enter_context(ShardWriter(out_dir / shard.name, shard.specs))
+        codec = Codec(shard.source_format) if shard.source_format else None
         for unit in shard.units:
-            tensors = [
-                read_tensor(files[w.read.file], w.read.start, w.read.stop, w.read.dtype,
-                            w.read.shape)
-                for w in unit.weights
-            ]  # fmt: skip
+            tensors = read_unit(unit, files, codec, device)
             lap("read")
             outputs = unit_outputs(unit, tensors, schemes, device)
             del tensors

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.safetensors import FLOAT_DTYPES, Header, TensorSpec, read_header
 from storage.source import Folder, open_source
+from tasks.dequantize import Codec, decode_weights, detect_format, meta
 from tasks.errors import PtqflowError
 from tasks.plan import Plan, Read, ShardPlan, Unit, Weight
 from tasks.select import (
@@ -31,6 +32,7 @@ from tasks.select import (
 )
 
 INDEX = "model.safetensors.index.json"
+MODELOPT_CONFIG = "hf_quant_config.json"
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".safetensors")
 LARGE = 1 << 20  # unquantized 2-D tensors with at least this many elements are called out
 
@@ -44,6 +46,7 @@ class Report:
     fixes: list[str] = field(default_factory=list)  # ignore patterns that skip the problems
     suggestions: list[str] = field(default_factory=list)  # layers usually left unquantized
     callouts: list[str] = field(default_factory=list)
+    source_format: str = "plain"  # how the source stores its weights
 
 
 def read_headers(folder: Folder, files: list[str], workers: int = 8) -> dict[str, Header]:
@@ -175,11 +178,17 @@ def plan_checkpoint(
     include_other_weights: bool = False,
     strict: bool = True,
     revision: str | None = None,
+    source_format: str | None = None,
+    keep_source_quantization: bool = False,
 ) -> tuple[Plan, Report]:
     """Validate SOURCE against `config` (a resolved QuantizationConfig) and plan every shard.
 
-    Only headers are read. With `strict`, problems that would make the run
-    fail (tensors the scheme cannot represent, split fused sets) raise a
+    Only headers are read. A pre-quantized SOURCE (detected from config.json,
+    or `source_format`) is dequantized weight by weight; with
+    `keep_source_quantization` the weights the config leaves unquantized keep
+    the source's quantization. A config without groups only dequantizes.
+    With `strict`, problems that would make the run fail (tensors the scheme
+    cannot represent, split fused sets, undecodable source tensors) raise a
     PtqflowError listing all of them; otherwise they are returned in the report.
     """
     from compressed_tensors.quantization import QuantizationStrategy
@@ -187,15 +196,23 @@ def plan_checkpoint(
     folder = source if isinstance(source, Folder) else open_source(str(source), revision)
     src = load_source(folder)
     model_config, shards = src.model_config, src.shards
-    if "quantization_config" in model_config:
-        method = model_config["quantization_config"].get("quant_method", "?")
-        raise PtqflowError(
-            f"{folder.url} is already quantized (quant_method {method}); "
-            "quantize a BF16/FP16/FP32 checkpoint instead"
-        )
-    per_file = source_weights(src.headers)
-    weights = {w.name: w for ws in per_file.values() for w in ws}
     report = Report()
+    names = [n for h in src.headers.values() for n in h.tensors]
+    side = json.loads(folder.read_text(MODELOPT_CONFIG)) if MODELOPT_CONFIG in src.files else None
+    fmt = detect_format(model_config, names, source_format, side)
+    per_file = source_weights(src.headers, split=fmt is None)
+    codec = None
+    if fmt is not None:
+        codec = Codec(fmt)
+        per_file, dropped, problems = decode_weights(per_file, codec)
+        report.problems += problems
+        report.source_format = fmt.name
+        if dropped:
+            report.callouts.append(
+                f"{len(dropped)} activation / KV-cache scale(s) of the {fmt.name} source are "
+                f"not written (e.g. {dropped[0]}); the new scheme does not use them"
+            )
+    weights = {w.name: w for ws in per_file.values() for w in ws}
 
     groups = assign_groups(weights, config)
     targeted = assign_groups(weights, _without_ignore(config))
@@ -209,16 +226,21 @@ def plan_checkpoint(
             "so the tied weights stay identical"
         )
     for name in list(groups):
-        read = weights[name].read
-        if len(read.shape) != 2:
+        w = weights[name]
+        if len(w.shape) != 2:
             groups.pop(name)
-        elif read.dtype not in FLOAT_DTYPES:
+        elif w.dtype not in FLOAT_DTYPES:
             report.problems.append(
-                f"{name} is {read.dtype}, not a float weight; ignore it or fix the source"
+                f"{name} is {w.dtype}, not a float weight; ignore it or fix the source"
             )
+    kept = {}
+    if keep_source_quantization and codec is not None:
+        kept = {n: w for n, w in weights.items() if w.encoded and n not in groups}
+        weights.update({n: replace(w, decoded=None) for n, w in kept.items()})
+        per_file = {f: [weights[w.name] for w in ws] for f, ws in per_file.items()}
     schemes = config.config_groups
     _check_fused(weights, groups, schemes, report)
-    specs_by_weight = _plan_outputs(weights, groups, schemes, report)
+    specs_by_weight = _plan_outputs(weights, groups, schemes, report, codec)
     _suggest(weights, groups, targeted, report)
     if strict and report.problems:
         raise PtqflowError(
@@ -252,11 +274,16 @@ def plan_checkpoint(
         if not units:
             continue
         specs = [s for u in units for w in u.weights for s in specs_by_weight[w.name]]
-        plan_shards.append(ShardPlan(file, units, specs))
+        plan_shards.append(ShardPlan(file, units, specs, fmt))
         report.counts[file] = _count(units, targeted, weights)
     other = other_files(src.files, shards, include_other_weights)
+    if fmt is not None:  # the output is described by config.json alone
+        other = [f for f in other if f != MODELOPT_CONFIG]
     fingerprints = {f: folder.fingerprint(f) for f in shards}
-    return Plan(folder.url, _config_dict(config), plan_shards, other, fingerprints), report
+    ignored = [n for n in targeted if n not in groups | kept.keys() and len(weights[n].shape) == 2]
+    out_config = _config_dict(config, kept, ignored, codec) if config.config_groups else None
+    plan = Plan(folder.url, out_config, plan_shards, other, fingerprints, fmt)
+    return plan, report
 
 
 def _without_ignore(config):
@@ -283,7 +310,8 @@ def _check_fused(weights, groups, schemes, report: Report) -> None:
             )
 
 
-def _plan_outputs(weights, groups, schemes, report: Report) -> dict[str, list[TensorSpec]]:
+def _plan_outputs(weights, groups, schemes, report: Report, codec) -> dict[str, list[TensorSpec]]:
+    from storage.safetensors import DTYPE_NAMES
     from tasks.quantize import meta_outputs
 
     cache: dict[tuple, list | str] = {}
@@ -291,19 +319,23 @@ def _plan_outputs(weights, groups, schemes, report: Report) -> dict[str, list[Te
     bad: list[str] = []
     for name, w in weights.items():
         group = groups.get(name)
-        if group is None:
-            out[name] = [TensorSpec(name, w.read.dtype, w.read.shape)]
+        if group is None and w.encoded and w.decoded is None:  # kept as the source has it
+            kept = codec.plan(meta(w.reads), keep=True).items()
+            out[name] = [TensorSpec(k, DTYPE_NAMES[t.dtype], tuple(t.shape)) for k, t in kept]
             continue
-        key = (w.read.shape, w.read.dtype, group)
+        if group is None:
+            out[name] = [TensorSpec(name, w.dtype, w.shape)]
+            continue
+        key = (w.shape, w.dtype, group)
         if key not in cache:
             try:
-                cache[key] = meta_outputs(w.read.shape, w.read.dtype, schemes[group])
+                cache[key] = meta_outputs(w.shape, w.dtype, schemes[group])
             except (ValueError, RuntimeError) as e:
                 cache[key] = str(e)
         result = cache[key]
         if isinstance(result, str):
             bad.append(name)
-            report.problems.append(f"{name} {list(w.read.shape)} cannot be {group}: {result}")
+            report.problems.append(f"{name} {list(w.shape)} cannot be {group}: {result}")
             out[name] = []
             continue
         module = name.rpartition(".")[0]
@@ -324,14 +356,14 @@ def _suggest(weights, groups, targeted, report: Report) -> None:
         leaf = module.rpartition(".")[2]
         if leaf in EMBEDDING_LEAVES or leaf == "lm_head":
             pattern = module
-        elif is_router(module, weights[name].read.shape):
+        elif is_router(module, weights[name].shape):
             pattern = ignore_pattern(module)
         else:
             continue
         if pattern not in report.suggestions:
             report.suggestions.append(pattern)
     for name, w in weights.items():
-        shape = w.read.shape
+        shape = w.shape
         n = 1
         for d in shape:
             n *= d
@@ -343,7 +375,7 @@ def _suggest(weights, groups, targeted, report: Report) -> None:
             why = "is ignored"
         else:
             why = "is not targeted"
-        report.callouts.append(f"{name} {list(shape)} stays {w.read.dtype}: it {why}")
+        report.callouts.append(f"{name} {list(shape)} stays {w.dtype}: it {why}")
 
 
 def _count(units: list[Unit], targeted: dict, weights: dict) -> dict[str, int]:
@@ -352,15 +384,20 @@ def _count(units: list[Unit], targeted: dict, weights: dict) -> dict[str, int]:
         for w in u.weights:
             if u.group is not None:
                 counts["quantized"] += 1
-            elif w.name in targeted and len(w.read.shape) == 2:
+            elif w.name in targeted and len(w.shape) == 2:
                 counts["ignored"] += 1
             else:
                 counts["kept"] += 1
     return counts
 
 
-def _config_dict(config) -> dict:
-    """The quantization_config as compressed-tensors writes it into config.json."""
+def _config_dict(config, kept=(), ignored=(), codec=None) -> dict:
+    """The quantization_config as compressed-tensors writes it into config.json.
+
+    Modules in `kept` stay quantized as the source had them: each source group
+    targets them by name, and the ignore list becomes the modules in `ignored`,
+    so no pattern of the user's ignores a kept module.
+    """
     from compressed_tensors import __version__
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
@@ -371,10 +408,21 @@ def _config_dict(config) -> dict:
         scheme = scheme.model_copy(deep=True)
         scheme.format = scheme_format(scheme)
         groups[name] = scheme
+    ignore = list(config.ignore or [])
+    if kept:
+        source = QuantizationConfig.model_validate(codec.keep_config)
+        of = assign_groups(kept, _without_ignore(source))
+        for g, scheme in source.config_groups.items():
+            modules = sorted(n.rpartition(".")[0] for n in kept if of.get(n) == g)
+            if modules:
+                scheme = scheme.model_copy(deep=True, update={"targets": modules})
+                scheme.format = scheme.format or scheme_format(scheme)
+                groups[f"source_{g}"] = scheme
+        ignore = sorted(n.rpartition(".")[0] for n in ignored)
     formats = {s.format for s in groups.values()}
     final = QuantizationConfig(
         config_groups=groups,
-        ignore=list(config.ignore or []),
+        ignore=ignore,
         quantization_status=QuantizationStatus.COMPRESSED,
         format=formats.pop() if len(formats) == 1 else "mixed-precision",
     )
@@ -412,14 +460,16 @@ def reindex_plan(src: Source) -> Plan:
 
 @task(name="reindex-fused-weights", cache_policy=NO_CACHE)
 def plan_task(
-    source: str, config, include_other_weights: bool = False, revision: str | None = None
-) -> Plan:
+    source: str, config, include_other_weights: bool = False, revision: str | None = None,
+    source_format: str | None = None, keep_source_quantization: bool = False,
+) -> Plan:  # fmt: skip
     """The planning stage of quantize-checkpoint: which shard gets which tensors."""
     from prefect import get_run_logger
 
     plan, report = plan_checkpoint(
-        source, config, include_other_weights=include_other_weights, revision=revision
-    )
+        source, config, include_other_weights=include_other_weights, revision=revision,
+        source_format=source_format, keep_source_quantization=keep_source_quantization,
+    )  # fmt: skip
     for line in report.callouts:
         get_run_logger().warning(line)
     return plan
