@@ -266,6 +266,12 @@ def run_quantize(**params) -> dict:
     return quantize_checkpoint(**params)
 
 
+# compressed-tensors converters that llm-compressor's model_free_ptq accepts, as source formats
+CONVERTER_FORMATS = {"FP8BlockDequantizer": "fp8-block", "AutoAWQConverter": "awq",
+                     "CompressedTensorsDequantizer": "compressed-tensors",
+                     "ModelOptNvfp4Converter": "modelopt-nvfp4"}  # fmt: skip
+
+
 def model_free_ptq(
     model_stub: str | os.PathLike,
     save_directory: str | os.PathLike,
@@ -279,12 +285,19 @@ def model_free_ptq(
     """Drop-in for llm-compressor's `model_free_ptq`: same arguments, runs `quantize-checkpoint`.
 
     `scheme` is a preset name (or QuantizationScheme), `config` a QuantizationConfig,
-    a dict, or a YAML/JSON file. A list of devices uses the first one.
+    a dict, or a YAML/JSON file. A list of devices uses the first one. A
+    `converter` of compressed-tensors (FP8BlockDequantizer, ...) names the
+    source's format; its settings come from SOURCE's config.json, as ptqflow
+    detects pre-quantized sources by itself.
     """
-    from tasks.errors import PtqflowError
-
+    source_format = "auto"
     if converter is not None:
-        raise PtqflowError("converters (pre-quantized sources) are not supported yet")
+        source_format = CONVERTER_FORMATS.get(type(converter).__name__)
+        if source_format is None:
+            raise PtqflowError(
+                f"converter {type(converter).__name__} is not supported; ptqflow dequantizes "
+                f"the sources of {', '.join(CONVERTER_FORMATS)} itself (detected from config.json)"
+            )
     if isinstance(device, (list, tuple)):
         device = device[0] if device else None
     if config is not None and not isinstance(config, (str, dict, os.PathLike)):
@@ -300,4 +313,5 @@ def model_free_ptq(
         config=str(config) if isinstance(config, os.PathLike) else config,
         ignore=list(ignore),
         device=None if device is None else str(device),
+        source_format=source_format,
     )

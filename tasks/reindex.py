@@ -207,6 +207,11 @@ def plan_checkpoint(
         per_file, dropped, problems = decode_weights(per_file, codec)
         report.problems += problems
         report.source_format = fmt.name
+        encoded = sum(w.encoded for ws in per_file.values() for w in ws)
+        report.callouts.append(
+            f"the source is {fmt.name}: {encoded} weights stored quantized are dequantized "
+            "to BF16 in memory, one at a time, by compressed-tensors' converters"
+        )
         if dropped:
             report.callouts.append(
                 f"{len(dropped)} activation / KV-cache scale(s) of the {fmt.name} source are "

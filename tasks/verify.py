@@ -39,9 +39,10 @@ from prefect.cache_policies import NO_CACHE
 
 from storage.safetensors import Header, TensorSpec, read_header, read_tensor
 from storage.source import HUB_ID, Folder, open_source
+from tasks.dequantize import Codec
 from tasks.errors import PtqflowError
 from tasks.plan import Plan, Read, ShardPlan
-from tasks.quantize import meta_outputs, observe, quantize_weights
+from tasks.quantize import meta_outputs, observe, quantize_weights, read_unit
 from tasks.schemes import scheme_format
 
 INDEX = "model.safetensors.index.json"
@@ -207,6 +208,7 @@ def _compare_configs(source: Folder, config: dict, plan: Plan, v: Verification) 
         )
     rest = {k: x for k, x in config.items() if k != "quantization_config"}
     src_config = json.loads(source.read_text("config.json"))
+    src_config.pop("quantization_config", None)  # a pre-quantized SOURCE's
     if rest != src_config:
         keys = sorted(k for k in rest.keys() | src_config.keys()
                       if rest.get(k) != src_config.get(k))  # fmt: skip
@@ -219,24 +221,24 @@ def _results(plan: Plan, schemes: dict, targeted: dict[str, str]) -> dict[str, T
     for shard in plan.shards:
         for unit in shard.units:
             for w in unit.weights:
-                read = w.read
+                size_in = sum(r.stop - r.start for r in w.reads)
                 if unit.group is None:
-                    ignored = w.name in targeted and len(read.shape) == 2
+                    ignored = w.name in targeted and len(w.shape) == 2
+                    size_out = TensorSpec(w.name, w.dtype, w.shape).nbytes
                     results[w.name] = TensorResult(
                         w.name, shard.name, "ignored" if ignored else "copied", None,
-                        read.shape, read.stop - read.start, read.stop - read.start,
+                        w.shape, size_in, size_out,
                     )  # fmt: skip
                     continue
-                key = (read.shape, read.dtype, unit.group)
+                key = (w.shape, w.dtype, unit.group)
                 if key not in outputs:
                     try:
-                        specs = meta_outputs(read.shape, read.dtype, schemes[unit.group])
+                        specs = meta_outputs(w.shape, w.dtype, schemes[unit.group])
                     except (ValueError, RuntimeError):  # plan_checkpoint reported it
                         specs = []
                     outputs[key] = sum(TensorSpec(*s).nbytes for s in specs)
                 results[w.name] = TensorResult(
-                    w.name, shard.name, "quantized", unit.group, read.shape,
-                    read.stop - read.start, outputs[key],
+                    w.name, shard.name, "quantized", unit.group, w.shape, size_in, outputs[key],
                 )  # fmt: skip
     limits: dict[tuple, float] = {}
     for r in results.values():
@@ -600,9 +602,9 @@ def check_shard(
                 return None
             return read_tensor(out[loc.file], loc.start, loc.stop, loc.dtype, loc.shape)
 
+        codec = Codec(shard.source_format) if shard.source_format else None
         for unit in shard.units:
-            tensors = [read_tensor(src[w.read.file], w.read.start, w.read.stop, w.read.dtype,
-                                   w.read.shape) for w in unit.weights]  # fmt: skip
+            tensors = read_unit(unit, src, codec, device)
             if unit.group is None:
                 for w, t in zip(unit.weights, tensors, strict=True):
                     got = load(w.name)

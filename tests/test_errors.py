@@ -495,13 +495,13 @@ def test_missing_source(capsys, tmp_path, flow_calls):
     assert str(tmp_path / "nope") in msg and "does not exist" in msg
 
 
-def test_already_quantized_source(capsys, tmp_path, flow_calls, copy_of):
+def test_source_quantized_by_an_unsupported_method(capsys, tmp_path, flow_calls, copy_of):
     src = copy_of()
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "config_groups": {}}
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (src / "config.json").write_text(json.dumps(cfg))
     msg = quantize_error(capsys, tmp_path, flow_calls, src, "--scheme", "FP8_DYNAMIC")
-    assert str(src) in msg and "already quantized" in msg and "compressed-tensors" in msg
+    assert "'gptq'" in msg and "compressed-tensors" in msg and "--source-format plain" in msg
 
 
 # --- the real console: no traceback --------------------------------------------------------------

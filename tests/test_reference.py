@@ -115,8 +115,9 @@ def expected_output(source: dict[str, torch.Tensor], groups: dict[str, object], 
     return out
 
 
-def quantize_folder(src, dst, config) -> dict:
-    plan, _ = plan_checkpoint(str(src), config)
+def quantize_folder(src, dst, config, **options) -> dict:
+    """What the quantize-checkpoint flow does, without Prefect (options: plan_checkpoint's)."""
+    plan, _ = plan_checkpoint(str(src), config, **options)
     dest = Dest(dst)
     dest.prepare(plan.source)
     folder = Folder(plan.source)

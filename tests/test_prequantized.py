@@ -1,0 +1,252 @@
+"""Pre-quantized sources: FP8 block, compressed-tensors, ModelOpt NVFP4 and AutoAWQ.
+
+Re-quantizing must give exactly what dequantizing the whole checkpoint with
+compressed-tensors' converters and quantizing that BF16 copy gives, and
+`dequantize` exactly the converters' output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.errors import PtqflowError
+from tasks.reindex import plan_checkpoint
+from tasks.schemes import resolve_config
+from tests import prequantized as pq
+from tests.checkpoints import load_tensors, write_checkpoint
+from tests.test_flow import ROOT, files
+from tests.test_reference import IGNORE, assert_same_bytes, quantize_folder
+
+DEQUANTIZE = {"config_groups": {}}
+SOURCES = {
+    "fp8-block": pq.fp8_block,
+    "compressed-tensors-W4A16": lambda p: pq.compressed(p, "W4A16"),
+    "compressed-tensors-NVFP4A16": lambda p: pq.compressed(p, "NVFP4A16"),
+    "modelopt-nvfp4": pq.modelopt_nvfp4,
+    "awq": pq.awq,
+}
+
+
+def source_config(src: Path) -> dict:
+    return json.loads((src / "config.json").read_text())
+
+
+def bf16_copy(src: Path, work: Path) -> Path:
+    """The BF16 checkpoint compressed-tensors' converters make of `src`."""
+    config = source_config(src)
+    config.pop("quantization_config")
+    return write_checkpoint(work / "bf16", pq.converter_dequantize(src, work / "ct"), config)
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_dequantize_equals_the_converters_output(tmp_path, kind):
+    src = SOURCES[kind](tmp_path / "src")
+    if kind == "modelopt-nvfp4":  # older ModelOpt exports describe themselves in this file
+        (src / "hf_quant_config.json").write_text('{"producer": {"name": "modelopt"}}')
+    plan = quantize_folder(src, tmp_path / "out", resolve_config(config=DEQUANTIZE))
+    assert_same_bytes(load_tensors(tmp_path / "out"), pq.converter_dequantize(src, tmp_path / "c"))
+    config = source_config(tmp_path / "out")
+    want = source_config(src)
+    want.pop("quantization_config")
+    assert config == want
+    assert not (tmp_path / "out" / "hf_quant_config.json").exists()
+    assert plan.source_format.name == (
+        "compressed-tensors" if "W4" in kind or "NV" in kind else kind
+    )
+
+
+@pytest.mark.parametrize("scheme", ["FP8_BLOCK", "NVFP4A16"])
+@pytest.mark.parametrize("kind", SOURCES)
+def test_requantize_equals_dequantize_then_quantize(tmp_path, kind, scheme):
+    src = SOURCES[kind](tmp_path / "src")
+    config = resolve_config(scheme, ignore=IGNORE)
+    quantize_folder(src, tmp_path / "out", config)
+    quantize_folder(
+        bf16_copy(src, tmp_path), tmp_path / "want", resolve_config(scheme, ignore=IGNORE)
+    )
+    assert_same_bytes(load_tensors(tmp_path / "out"), load_tensors(tmp_path / "want"))
+    got, want = source_config(tmp_path / "out"), source_config(tmp_path / "want")
+    assert got["quantization_config"] == want["quantization_config"]  # only the new scheme
+    assert list(got["quantization_config"]["config_groups"]) == [scheme]
+
+
+def test_plan_shows_the_detected_format_and_override(tmp_path):
+    src = pq.fp8_block(tmp_path / "src")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def plan(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "flows.cli", "plan", str(src), "--scheme", "NVFP4A16",
+             "--ignore", "lm_head", *args], env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    shown = plan()
+    assert shown.returncode == 0, shown.stderr
+    assert "source format: fp8-block" in shown.stdout
+    report = json.loads(plan("--json").stdout)
+    assert report["source_format"] == "fp8-block"
+    plain = plan("--source-format", "plain", "--json")
+    assert plain.returncode == 1
+    assert any("F8_E4M3, not a float weight" in p for p in json.loads(plain.stdout)["problems"])
+
+
+def test_override_when_config_does_not_say(tmp_path):
+    src = pq.fp8_block(tmp_path / "src")
+    config = resolve_config("FP8_BLOCK", ignore=IGNORE)
+    quantize_folder(src, tmp_path / "want", config)
+    bare = source_config(src)
+    del bare["quantization_config"]
+    (src / "config.json").write_text(json.dumps(bare))
+    with pytest.raises(PtqflowError, match=r"weight_scale_inv.*--source-format"):
+        plan_checkpoint(str(src), config)
+    plan = quantize_folder(src, tmp_path / "out", config, source_format="fp8-block")
+    assert plan.source_format.name == "fp8-block"
+    assert_same_bytes(load_tensors(tmp_path / "out"), load_tensors(tmp_path / "want"))
+
+
+def test_missing_scale_is_named_before_any_work(tmp_path):
+    src = pq.compressed(tmp_path / "src", "W4A16", arch="llama")
+    tensors = load_tensors(src)
+    del tensors["model.layers.1.mlp.up_proj.weight_scale"]
+    broken = write_checkpoint(tmp_path / "broken", tensors, source_config(src))
+    with pytest.raises(PtqflowError) as e:
+        plan_checkpoint(str(broken), resolve_config("FP8_BLOCK", ignore=IGNORE))
+    assert "model.layers.1.mlp.up_proj" in str(e.value) and "compressed-tensors" in str(e.value)
+
+
+def test_keep_source_quantization_for_ignored_fp8_block(tmp_path):
+    src = pq.fp8_block(tmp_path / "src")
+    ignore = [*IGNORE, "re:.*self_attn.*"]
+    config = resolve_config("NVFP4A16", ignore=ignore)
+    quantize_folder(src, tmp_path / "out", config, keep_source_quantization=True)
+    got, source = load_tensors(tmp_path / "out"), load_tensors(src)
+    attention = sorted(n.removesuffix(".weight_scale_inv") for n in source
+                       if ".self_attn." in n and n.endswith("weight_scale_inv"))  # fmt: skip
+    assert attention
+    for m in attention:  # the source's FP8 blocks, as compressed-tensors names them
+        assert torch.equal(got[f"{m}.weight"].view(torch.uint8),
+                           source[f"{m}.weight"].view(torch.uint8))  # fmt: skip
+        assert torch.equal(got[f"{m}.weight_scale"], source[f"{m}.weight_scale_inv"])
+    # the rest is what quantizing the converters' BF16 copy gives
+    quantize_folder(
+        bf16_copy(src, tmp_path), tmp_path / "want", resolve_config("NVFP4A16", ignore=ignore)
+    )
+    want = load_tensors(tmp_path / "want")
+    assert_same_bytes(
+        {n: t for n, t in got.items() if ".self_attn." not in n or "norm" in n},
+        {n: t for n, t in want.items() if ".self_attn." not in n or "norm" in n},
+    )
+    qc = source_config(tmp_path / "out")["quantization_config"]
+    assert qc["format"] == "mixed-precision"
+    kept = qc["config_groups"]["source_group_0"]
+    assert kept["targets"] == attention and kept["format"] == "float-quantized"
+    assert kept["weights"]["strategy"] == "block" and kept["weights"]["block_structure"] == [
+        128, 128]  # fmt: skip
+    assert qc["config_groups"]["NVFP4A16"]["targets"] == ["Linear"]
+    assert not set(qc["ignore"]) & set(attention) and "lm_head" in qc["ignore"]
+    assert all(not p.startswith("re:") for p in qc["ignore"])
+
+
+def test_keep_source_quantization_for_ignored_compressed_tensors(tmp_path):
+    src = pq.compressed(tmp_path / "src", "W4A16")
+    ignore = [*IGNORE, "re:.*mlp.experts.*"]
+    config = resolve_config("FP8_BLOCK", ignore=ignore)
+    quantize_folder(src, tmp_path / "out", config, keep_source_quantization=True)
+    got, source = load_tensors(tmp_path / "out"), load_tensors(src)
+    experts = {n: t for n, t in source.items() if ".experts." in n}
+    assert experts and all(".weight_packed" not in n for n in got if ".experts." not in n)
+    assert_same_bytes({n: t for n, t in got.items() if ".experts." in n}, experts)
+    qc = source_config(tmp_path / "out")["quantization_config"]
+    groups = {g: s["targets"] for g, s in qc["config_groups"].items()}
+    assert set(groups) == {"FP8_BLOCK", "source_W4A16"}
+    assert groups["source_W4A16"] == sorted({n.rpartition(".")[0] for n in experts})
+    assert qc["config_groups"]["source_W4A16"]["format"] == "pack-quantized"
+
+
+def test_pipeline_from_a_remote_fp8_source_caches_and_resumes(tmp_path, prefect_server):
+    from tests.test_pipeline import run, upload_folder
+
+    src = pq.fp8_block(tmp_path / "src")
+    config = resolve_config("NVFP4A16", ignore=IGNORE)
+    quantize_folder(src, tmp_path / "want", config)
+    upload_folder(src, "memory://prequantized/src")
+    out, dl = tmp_path / "out", str(tmp_path / "dl")
+    first = run("memory://prequantized/src", str(out), max_workers=2, cache_dir=dl)
+    assert (first["quantized"], first["cached"]) == (3, 0)
+    assert files(out) == files(tmp_path / "want")
+    again = run("memory://prequantized/src", str(out), cache_dir=dl)
+    assert (again["quantized"], again["cached"]) == (0, 3)
+    # attention kept in the source's FP8: redone are the shards holding attention weights
+    ignore = [*IGNORE, "re:.*layers.1.self_attn.*"]
+    keep = resolve_config("NVFP4A16", ignore=ignore)
+    plan = quantize_folder(src, tmp_path / "keep", keep, keep_source_quantization=True)
+    kept = run("memory://prequantized/src", str(out), ignore=ignore, cache_dir=dl,
+               keep_source_quantization_for_ignored=True)  # fmt: skip
+    holders = {s.name for s in plan.shards for u in s.units for w in u.weights
+               if "layers.1.self_attn" in w.name}  # fmt: skip
+    assert 0 < len(holders) < 3
+    assert {m["name"] for m in kept["shards"] if not m["cached"]} == holders
+    assert files(out) == files(tmp_path / "keep")
+
+
+def test_cli_dequantize(tmp_path, prefect_server):
+    from tests.test_flow import run_cli
+
+    src = pq.modelopt_nvfp4(tmp_path / "src")
+    proc = run_cli("dequantize", str(src), str(tmp_path / "out"), "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    quantize_folder(src, tmp_path / "want", resolve_config(config=DEQUANTIZE))
+    assert files(tmp_path / "out") == files(tmp_path / "want")
+    assert "quantization_config" not in source_config(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["fp8-block", "awq"])
+def test_verify_against_a_prequantized_source(tmp_path, kind):
+    from tasks.verify import verify
+
+    src = SOURCES[kind](tmp_path / "src")
+    out = tmp_path / "out"
+    quantize_folder(src, out, resolve_config("NVFP4A16", ignore=IGNORE))
+    v = verify(str(src), str(out))
+    assert v.ok, v.failures()
+    assert not v.notes, v.notes
+    assert {t.status for t in v.tensors} >= {"quantized", "ignored"}
+    # a flipped byte in a re-quantized weight is found, named
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.0.mlp.down_proj.weight_packed"
+    shard = out / index[name]
+    from storage.safetensors import read_header
+
+    with open(shard, "rb") as f:
+        header = read_header(f, shard.stat().st_size, shard.name)
+    info = header.tensors[name]
+    data = bytearray(shard.read_bytes())
+    data[header.data_start + info.start] ^= 0x11
+    shard.write_bytes(bytes(data))
+    bad = verify(str(src), str(out))
+    assert not bad.ok and any(name in f for f in bad.failures())
+
+
+def test_model_free_ptq_with_a_converter(tmp_path, prefect_server):
+    from compressed_tensors.entrypoints.convert.converters import (
+        FP8BlockDequantizer,
+        MagnitudeExpertPruner,
+    )
+
+    from flows import model_free_ptq
+
+    src = pq.fp8_block(tmp_path / "src")
+    quantize_folder(src, tmp_path / "want", resolve_config("FP8_BLOCK", ignore=IGNORE))
+    model_free_ptq(src, tmp_path / "out", scheme="FP8_BLOCK", ignore=IGNORE, device="cpu",
+                   converter=FP8BlockDequantizer.from_pretrained(str(src)))  # fmt: skip
+    assert files(tmp_path / "out") == files(tmp_path / "want")
+    with pytest.raises(PtqflowError, match="MagnitudeExpertPruner is not supported"):
+        model_free_ptq(src, tmp_path / "other", scheme="FP8_BLOCK",
+                       converter=MagnitudeExpertPruner.__new__(MagnitudeExpertPruner))  # fmt: skip
