@@ -206,6 +206,7 @@ def device_limits(devices: list[str], max_workers: int):
     killed run's leftover slots never block the next one."""
     from prefect.client.orchestration import get_client
     from prefect.context import get_run_context
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
     run_id = get_run_context().flow_run.id
     limits = {d: f"ptqflow-{run_id}-{d.replace(':', '')}" for d in devices}
@@ -216,8 +217,14 @@ def device_limits(devices: list[str], max_workers: int):
         try:
             yield limits
         finally:
-            for name in limits.values():
-                client.delete_global_concurrency_limit_by_name(name)
+            # One attempt each: a server busy with the run's last state writes answers 503,
+            # and the client's retry would sleep 2 s for a limit no one uses any more.
+            with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}):
+                for name in limits.values():
+                    try:
+                        client.delete_global_concurrency_limit_by_name(name)
+                    except Exception as e:  # left behind, as after a kill: it holds nothing
+                        get_run_logger().debug("concurrency limit %s not deleted: %s", name, e)
 
 
 def _failure(chain) -> str:
