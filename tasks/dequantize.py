@@ -156,12 +156,14 @@ class Codec:
         return out
 
     @staticmethod
-    def _chain(converters, tensors: Tensors, meta: bool) -> Tensors:
-        """`tensors` through `converters`, without the activation scales they carry along."""
+    def _chain(converters, tensors: Tensors, meta: bool, keep: bool = False) -> Tensors:
+        """`tensors` through `converters`; without their activation scales unless `keep`
+        (a dequantized weight has no use for them, a kept one is served with them)."""
         for conv in converters:
             tensors = conv.validate(tensors) if meta else conv.process(tensors)
-            tensors = {n: t for n, t in tensors.items()
-                       if n.rpartition(".")[2] not in ACTIVATION_LEAVES}  # fmt: skip
+            if not keep:
+                tensors = {n: t for n, t in tensors.items()
+                           if n.rpartition(".")[2] not in ACTIVATION_LEAVES}  # fmt: skip
         return tensors
 
     def decode(self, tensors: Tensors) -> torch.Tensor:
@@ -171,7 +173,7 @@ class Codec:
 
     def keep(self, tensors: Tensors) -> Tensors:
         """One weight's source tensors in compressed-tensors form."""
-        return self._chain(self.keepers, dict(tensors), meta=False)
+        return self._chain(self.keepers, dict(tensors), meta=False, keep=True)
 
     def plan(self, tensors: Tensors, keep: bool) -> Tensors:
         """What `decode` (or `keep`) gives for these meta tensors, without reading data."""
@@ -182,7 +184,8 @@ class Codec:
             # convert zeros of these shapes (the plan caches one result per shape).
             zeros = {n: torch.zeros(t.shape, dtype=t.dtype) for n, t in tensors.items()}
             return {n: t.to("meta") for n, t in self._chain(self.decoders, zeros, False).items()}
-        return self._chain(self.keepers if keep else self.decoders, dict(tensors), meta=True)
+        converters = self.keepers if keep else self.decoders
+        return self._chain(converters, dict(tensors), meta=True, keep=keep)
 
 
 class Fp8BlockToCompressed:
@@ -226,7 +229,7 @@ def meta(w_reads) -> Tensors:
 def decode_weights(per_file: dict, codec: Codec):
     """Per source file, its weights with every quantized one replaced by what it decodes to.
 
-    Returns (per_file, dropped, problems): `dropped` names the activation and
+    Returns (per_file, dropped, problems): `dropped` holds the activation and
     KV-cache scales left out, `problems` the tensors that cannot be decoded.
     """
     from dataclasses import replace
@@ -246,7 +249,7 @@ def decode_weights(per_file: dict, codec: Codec):
                 continue
             if w.name not in deps:
                 if leaf in ACTIVATION_LEAVES:
-                    dropped.append(w.name)
+                    dropped.append(w)
                 elif leaf in WEIGHT_QPARAM_LEAVES:
                     problems.append(f"{w.name} belongs to no quantized weight of the source "
                                     f"({codec.fmt.name}); is a tensor missing?")  # fmt: skip

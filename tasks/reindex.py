@@ -201,7 +201,7 @@ def plan_checkpoint(
     side = json.loads(folder.read_text(MODELOPT_CONFIG)) if MODELOPT_CONFIG in src.files else None
     fmt = detect_format(model_config, names, source_format, side)
     per_file = source_weights(src.headers, split=fmt is None)
-    codec = None
+    codec, dropped = None, []
     if fmt is not None:
         codec = Codec(fmt)
         per_file, dropped, problems = decode_weights(per_file, codec)
@@ -215,7 +215,12 @@ def plan_checkpoint(
         if dropped:
             report.callouts.append(
                 f"{len(dropped)} activation / KV-cache scale(s) of the {fmt.name} source are "
-                f"not written (e.g. {dropped[0]}); the new scheme does not use them"
+                f"not written (e.g. {dropped[0].name}); the new scheme does not use them"
+                + (
+                    " (layers kept in the source's quantization keep theirs)"
+                    if keep_source_quantization
+                    else ""
+                )
             )
     weights = {w.name: w for ws in per_file.values() for w in ws}
 
@@ -241,7 +246,13 @@ def plan_checkpoint(
     kept = {}
     if keep_source_quantization and codec is not None:
         kept = {n: w for n, w in weights.items() if w.encoded and n not in groups}
-        weights.update({n: replace(w, decoded=None) for n, w in kept.items()})
+        # a kept layer keeps its activation scales (not the KV cache's: that scheme goes)
+        scales = defaultdict(list)
+        for d in dropped:
+            if d.name.rpartition(".")[2] not in ("k_scale", "v_scale"):
+                scales[d.module].append(d.read)
+        weights.update({n: replace(w, decoded=None, deps=w.deps + tuple(scales[w.module]))
+                        for n, w in kept.items()})  # fmt: skip
         per_file = {f: [weights[w.name] for w in ws] for f, ws in per_file.items()}
     schemes = config.config_groups
     _check_fused(weights, groups, schemes, report)

@@ -251,3 +251,28 @@ def test_model_free_ptq_with_a_converter(tmp_path, prefect_server):
     with pytest.raises(PtqflowError, match="MagnitudeExpertPruner is not supported"):
         model_free_ptq(src, tmp_path / "other", scheme="FP8_BLOCK",
                        converter=MagnitudeExpertPruner.__new__(MagnitudeExpertPruner))  # fmt: skip
+
+
+def test_keep_source_quantization_for_ignored_modelopt(tmp_path):
+    from compressed_tensors.entrypoints.convert.converters import ModelOptNvfp4Converter
+
+    src = pq.modelopt_nvfp4(tmp_path / "src")
+    ignore = [*IGNORE, "re:.*self_attn.*"]
+    quantize_folder(src, tmp_path / "out", resolve_config("FP8_BLOCK", ignore=ignore),
+                    keep_source_quantization=True)  # fmt: skip
+    got, source = load_tensors(tmp_path / "out"), load_tensors(src)
+    modules = sorted({n.removesuffix(".weight_scale_2") for n in source
+                      if ".self_attn." in n and n.endswith("weight_scale_2")})  # fmt: skip
+    # what compressed-tensors' ModelOpt converter makes of each module's tensors
+    convert = ModelOptNvfp4Converter(targets=modules)
+    for m in modules:
+        own = {n: t for n, t in source.items() if n.startswith(f"{m}.") and not
+               n.endswith(("k_scale", "v_scale"))}  # fmt: skip
+        want = convert.process(own)
+        assert set(want) >= {f"{m}.weight_packed", f"{m}.input_global_scale"}
+        assert_same_bytes({n: got[n] for n in want}, want)
+    qc = source_config(tmp_path / "out")["quantization_config"]
+    kept = qc["config_groups"]["source_config_group_0"]
+    assert kept["targets"] == modules and kept["format"] == "nvfp4-pack-quantized"
+    assert kept["input_activations"] is not None  # W4A4: served with its input global scale
+    assert not any(n.endswith(("k_scale", "v_scale")) for n in got)
