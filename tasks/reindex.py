@@ -296,7 +296,8 @@ def plan_checkpoint(
     if fmt is not None:  # the output is described by config.json alone
         other = [f for f in other if f != MODELOPT_CONFIG]
     fingerprints = {f: folder.fingerprint(f) for f in shards}
-    ignored = [n for n in targeted if n not in groups | kept.keys() and len(weights[n].shape) == 2]
+    done = groups.keys() | kept.keys()
+    ignored = [n for n in targeted if n not in done and len(weights[n].shape) == 2]
     out_config = _config_dict(config, kept, ignored, codec) if config.config_groups else None
     plan = Plan(folder.url, out_config, plan_shards, other, fingerprints, fmt)
     return plan, report
