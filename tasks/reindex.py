@@ -200,6 +200,8 @@ def plan_checkpoint(
     names = [n for h in src.headers.values() for n in h.tensors]
     side = json.loads(folder.read_text(MODELOPT_CONFIG)) if MODELOPT_CONFIG in src.files else None
     fmt = detect_format(model_config, names, source_format, side)
+    if fmt is None and not config.config_groups:
+        raise PtqflowError(f"{folder.url} is not quantized: there is nothing to dequantize")
     per_file = source_weights(src.headers, split=fmt is None)
     codec, dropped = None, []
     if fmt is not None:

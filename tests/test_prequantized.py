@@ -276,3 +276,11 @@ def test_keep_source_quantization_for_ignored_modelopt(tmp_path):
     assert kept["targets"] == modules and kept["format"] == "nvfp4-pack-quantized"
     assert kept["input_activations"] is not None  # W4A4: served with its input global scale
     assert not any(n.endswith(("k_scale", "v_scale")) for n in got)
+
+
+def test_dequantize_refuses_a_plain_source(tmp_path):
+    from tests.checkpoints import build_checkpoint
+
+    src = build_checkpoint(tmp_path / "src", "llama")
+    with pytest.raises(PtqflowError, match="is not quantized: there is nothing to dequantize"):
+        plan_checkpoint(str(src), resolve_config(config=DEQUANTIZE))
