@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tasks.errors import PtqflowError
-from tasks.plan import SourceFormat
+from tasks.plan import Read, SourceFormat, Weight
 
 Tensors = dict[str, torch.Tensor]
 
@@ -102,7 +102,7 @@ class Codec:
     compressed-tensors form of the source's own scheme (`keep_config`), for
     weights the target leaves unquantized but --keep-source-quantization-for-ignored keeps.
     Converters are built to target every module: which weights are quantized
-    in the source is decided from the tensors present (see `encoded`).
+    in the source is decided from the tensors present (see `decode_weights`).
     """
 
     def __init__(self, fmt: SourceFormat):
@@ -128,7 +128,7 @@ class Codec:
             to_ct = c.AutoAWQConverter.from_autoawq_config(fmt.config, targets=("Linear",))
             self.keep_config = to_ct.update_config(None).model_dump()
             self.decoders = [to_ct, _ct_dequantizer(self.keep_config)]
-            self.keepers = None  # its validate gives no shapes: cannot be planned
+            self.keepers = [to_ct]
         else:
             raise PtqflowError(f"unknown source format {fmt.name!r}")
 
@@ -177,14 +177,13 @@ class Codec:
 
     def plan(self, tensors: Tensors, keep: bool) -> Tensors:
         """What `decode` (or `keep`) gives for these meta tensors, without reading data."""
-        if keep and self.keepers is None:
-            raise PtqflowError(f"{self.fmt.name} weights cannot be kept in their source format")
+        converters = self.keepers if keep else self.decoders
         if self.fmt.name == "awq":
             # AutoAWQ's validate gives names only and its process does not run on meta:
             # convert zeros of these shapes (the plan caches one result per shape).
             zeros = {n: torch.zeros(t.shape, dtype=t.dtype) for n, t in tensors.items()}
-            return {n: t.to("meta") for n, t in self._chain(self.decoders, zeros, False).items()}
-        converters = self.keepers if keep else self.decoders
+            out = self._chain(converters, zeros, meta=False, keep=keep)
+            return {n: t.to("meta") for n, t in out.items()}
         return self._chain(converters, dict(tensors), meta=True, keep=keep)
 
 
@@ -219,14 +218,16 @@ WEIGHT_QPARAM_LEAVES = frozenset({"weight_scale", "weight_scale_inv", "weight_sc
     "qzeros", "scales"})  # fmt: skip
 
 
-def meta(w_reads) -> Tensors:
-    """Meta tensors standing for the source tensors of `w_reads`."""
+def meta(reads: Iterable[Read]) -> Tensors:
+    """Meta tensors standing for the source tensors `reads`."""
     from storage.safetensors import DTYPES
 
-    return {r.tensor: torch.empty(r.shape, dtype=DTYPES[r.dtype], device="meta") for r in w_reads}
+    return {r.tensor: torch.empty(r.shape, dtype=DTYPES[r.dtype], device="meta") for r in reads}
 
 
-def decode_weights(per_file: dict, codec: Codec):
+def decode_weights(
+    per_file: dict[str, list[Weight]], codec: Codec
+) -> tuple[dict[str, list[Weight]], list[Weight], list[str]]:
     """Per source file, its weights with every quantized one replaced by what it decodes to.
 
     Returns (per_file, dropped, problems): `dropped` holds the activation and

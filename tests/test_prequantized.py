@@ -284,3 +284,21 @@ def test_dequantize_refuses_a_plain_source(tmp_path):
     src = build_checkpoint(tmp_path / "src", "llama")
     with pytest.raises(PtqflowError, match="is not quantized: there is nothing to dequantize"):
         plan_checkpoint(str(src), resolve_config(config=DEQUANTIZE))
+
+
+def test_keep_source_quantization_for_ignored_awq(tmp_path):
+    from compressed_tensors.entrypoints.convert.converters import AutoAWQConverter
+
+    src = pq.awq(tmp_path / "src")
+    ignore = [*IGNORE, "re:.*mlp.down_proj$"]
+    quantize_folder(src, tmp_path / "out", resolve_config("W8A16", ignore=ignore),
+                    keep_source_quantization=True)  # fmt: skip
+    got, source = load_tensors(tmp_path / "out"), load_tensors(src)
+    convert = AutoAWQConverter.from_pretrained(str(src))
+    modules = sorted({n.removesuffix(".qweight") for n in source if "down_proj.qweight" in n})
+    for m in modules:
+        want = convert.process({n: t for n, t in source.items() if n.startswith(f"{m}.")})
+        assert_same_bytes({n: got[n] for n in want}, want)
+    qc = source_config(tmp_path / "out")["quantization_config"]
+    assert qc["config_groups"]["source_config_group_0"]["targets"] == modules
+    assert qc["config_groups"]["source_config_group_0"]["format"] == "pack-quantized"
