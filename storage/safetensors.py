@@ -16,8 +16,6 @@ import hashlib
 import json
 import os
 import struct
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -142,14 +140,15 @@ def read_file_header(path: str | os.PathLike, label: str | None = None) -> Heade
 
 
 def read_tensor(
-    f: BinaryIO, start: int, stop: int, dtype: str, shape: tuple[int, ...]
+    f: BinaryIO, start: int, stop: int, dtype: str, shape: tuple[int, ...], pin: bool = False
 ) -> torch.Tensor:
     """Read the bytes [start, stop) of an open file into a new CPU tensor.
 
     The buffer is an uninitialized tensor: a zeroed bytearray would write every
-    page once more before the read fills it.
+    page once more before the read fills it. `pin` puts it in page-locked
+    memory, from which a copy to a GPU runs asynchronously.
     """
-    buf = torch.empty(stop - start, dtype=torch.uint8)
+    buf = torch.empty(stop - start, dtype=torch.uint8, pin_memory=pin)
     f.seek(start)
     got = f.readinto(memoryview(buf.numpy())) if len(buf) else 0
     if got != len(buf):
@@ -190,13 +189,10 @@ class ShardWriter:
 
     Data goes to ``<name>.partial`` beside the target; `close` checks that every
     planned tensor was written, fsyncs and renames, so a shard file under its
-    final name is always complete. Tensors are written by a background thread
-    at their planned offsets, so a write that waits for the disk overlaps with
-    producing the next tensors; at most `pending_bytes` wait to be written.
+    final name is always complete.
     """
 
-    def __init__(self, path: str | os.PathLike, specs: list[TensorSpec],
-                 pending_bytes: int = 256 << 20):  # fmt: skip
+    def __init__(self, path: str | os.PathLike, specs: list[TensorSpec]):
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.partial")
         self.specs = {s.name: s for s in specs}
@@ -208,11 +204,6 @@ class ShardWriter:
         self.f = open(self.tmp, "wb")
         self.f.write(header)
         self.f.truncate(self.size)
-        self.f.flush()
-        self.limit = pending_bytes
-        self.writes: deque[tuple[Future, int]] = deque()
-        self.queued = 0
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="ptqflow-write")
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs.get(name)
@@ -223,45 +214,23 @@ class ShardWriter:
             raise RuntimeError(
                 f"{name}: produced {got}, planned {(spec.dtype, spec.shape)} for {self.path.name}"
             )
+        self.f.seek(self.data_start + self.offsets[name])
+        if spec.nbytes:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self.f.write(memoryview(data.numpy()))
         self.pending.discard(name)
-        if not spec.nbytes:
-            return
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        while self.writes and self.queued + spec.nbytes > self.limit:
-            self._finish_oldest()
-        offset = self.data_start + self.offsets[name]
-        self.writes.append((self.thread.submit(_pwrite, self.f.fileno(), data, offset),
-                            spec.nbytes))  # fmt: skip
-        self.queued += spec.nbytes
-
-    def _finish_oldest(self) -> None:
-        future, nbytes = self.writes.popleft()
-        self.queued -= nbytes
-        future.result()  # raises the write's error (disk full) here
-
-    def _drain(self) -> None:
-        try:
-            while self.writes:
-                self._finish_oldest()
-        finally:
-            self.thread.shutdown(wait=True)
 
     def close(self) -> None:
-        try:
-            self._drain()
-        except BaseException:
-            self.abort()
-            raise
         if self.pending:
             missing = ", ".join(sorted(self.pending)[:5])
             self.abort()
             raise RuntimeError(f"{self.path.name}: tensors never produced: {missing}")
+        self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self.thread.shutdown(wait=True, cancel_futures=True)
         self.f.close()
         self.tmp.unlink(missing_ok=True)
 
@@ -273,13 +242,6 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-
-
-def _pwrite(fd: int, data: torch.Tensor, offset: int) -> None:
-    view = memoryview(data.numpy())
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:

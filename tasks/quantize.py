@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from storage.safetensors import DTYPE_NAMES, DTYPES, ShardWriter, read_tensor, sha256_file
 from tasks.dequantize import Codec
 from tasks.errors import disk_full_is
-from tasks.plan import ShardPlan
+from tasks.plan import ShardPlan, Unit
 
 Tensors = dict[str, torch.Tensor]
 
@@ -42,8 +42,8 @@ CHUNK_ELEMENTS = 1 << 20
 def observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of `weight` per scale element (llm-compressor's min-max observer).
 
-    Reduces views in place of the observer's transposed copies: min and max
-    are exact in any order, so the values are the observer's.
+    Reduces strided views in place of the observer's transposed copies: min and
+    max are exact in any order, so the values are the observer's.
     """
     from compressed_tensors.quantization import QuantizationStrategy as S
     from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
@@ -57,32 +57,15 @@ def observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
             raise ValueError(
                 f"{weight.shape[-1]} columns are not divisible by group size {args.group_size}"
             )
-        return _min_max(weight.unflatten(-1, (-1, args.group_size)), -1)
+        groups = weight.unflatten(-1, (-1, args.group_size))
+        return torch.amin(groups, dim=-1), torch.amax(groups, dim=-1)
     if args.strategy == S.BLOCK:
         bh, bw = args.block_structure
         padded = maybe_pad_tensor_for_block_quant(weight, tuple(args.block_structure))
         rows, cols = padded.shape
-        lo, hi = _min_max(padded.view(rows // bh, bh, cols // bw, bw), 1)
-        return torch.amin(lo, dim=-1), torch.amax(hi, dim=-1)
+        blocks = padded.view(rows // bh, bh, cols // bw, bw)
+        return torch.amin(blocks, dim=(1, 3)), torch.amax(blocks, dim=(1, 3))
     raise ValueError(f"strategy {args.strategy} cannot be applied to weights")
-
-
-def _min_max(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of `x` along `dim`, that dimension removed.
-
-    A power-of-two run is folded in halves with elementwise minimum/maximum,
-    which vectorize over the whole tensor; torch's reductions over short runs
-    (16 values per NVFP4 group, 128 rows per block) do not, and took 2-3x longer.
-    """
-    n = x.shape[dim]
-    if n & (n - 1):
-        return torch.amin(x, dim=dim), torch.amax(x, dim=dim)
-    lo = hi = x
-    while n > 1:
-        n //= 2
-        lo = torch.minimum(lo.narrow(dim, 0, n), lo.narrow(dim, n, n))
-        hi = torch.maximum(hi.narrow(dim, 0, n), hi.narrow(dim, n, n))
-    return lo.squeeze(dim), hi.squeeze(dim)
 
 
 def scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -347,15 +330,18 @@ def quantize_weights(
     return out
 
 
-def read_unit(unit, files: dict[str, BinaryIO], codec, device) -> list[torch.Tensor | Tensors]:
+def read_unit(
+    unit: Unit, files: dict[str, BinaryIO], codec: Codec | None, device: str | torch.device
+) -> list[torch.Tensor | Tensors]:
     """The weights of one unit, as read; dequantized where the source stores them quantized.
 
     A weight kept in its source's quantization comes back as its state dict in
-    compressed-tensors form.
+    compressed-tensors form. For a GPU, tensors are read into pinned memory so
+    their copies to it do not block.
     """
-    out = []
+    out, pin = [], torch.device(device).type == "cuda"
     for w in unit.weights:
-        tensors = {r.tensor: read_tensor(files[r.file], r.start, r.stop, r.dtype, r.shape)
+        tensors = {r.tensor: read_tensor(files[r.file], r.start, r.stop, r.dtype, r.shape, pin)
                    for r in w.reads}  # fmt: skip
         if not w.encoded:
             out.append(tensors[w.read.tensor])
