@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -253,31 +254,6 @@ def test_model_free_ptq_with_a_converter(tmp_path, prefect_server):
                        converter=MagnitudeExpertPruner.__new__(MagnitudeExpertPruner))  # fmt: skip
 
 
-def test_keep_source_quantization_for_ignored_modelopt(tmp_path):
-    from compressed_tensors.entrypoints.convert.converters import ModelOptNvfp4Converter
-
-    src = pq.modelopt_nvfp4(tmp_path / "src")
-    ignore = [*IGNORE, "re:.*self_attn.*"]
-    quantize_folder(src, tmp_path / "out", resolve_config("FP8_BLOCK", ignore=ignore),
-                    keep_source_quantization=True)  # fmt: skip
-    got, source = load_tensors(tmp_path / "out"), load_tensors(src)
-    modules = sorted({n.removesuffix(".weight_scale_2") for n in source
-                      if ".self_attn." in n and n.endswith("weight_scale_2")})  # fmt: skip
-    # what compressed-tensors' ModelOpt converter makes of each module's tensors
-    convert = ModelOptNvfp4Converter(targets=modules)
-    for m in modules:
-        own = {n: t for n, t in source.items() if n.startswith(f"{m}.") and not
-               n.endswith(("k_scale", "v_scale"))}  # fmt: skip
-        want = convert.process(own)
-        assert set(want) >= {f"{m}.weight_packed", f"{m}.input_global_scale"}
-        assert_same_bytes({n: got[n] for n in want}, want)
-    qc = source_config(tmp_path / "out")["quantization_config"]
-    kept = qc["config_groups"]["source_config_group_0"]
-    assert kept["targets"] == modules and kept["format"] == "nvfp4-pack-quantized"
-    assert kept["input_activations"] is not None  # W4A4: served with its input global scale
-    assert not any(n.endswith(("k_scale", "v_scale")) for n in got)
-
-
 def test_dequantize_refuses_a_plain_source(tmp_path):
     from tests.checkpoints import build_checkpoint
 
@@ -286,19 +262,43 @@ def test_dequantize_refuses_a_plain_source(tmp_path):
         plan_checkpoint(str(src), resolve_config(config=DEQUANTIZE))
 
 
-def test_keep_source_quantization_for_ignored_awq(tmp_path):
-    from compressed_tensors.entrypoints.convert.converters import AutoAWQConverter
+# source, target scheme, layers ignored (kept), tensor marking a quantized module, kept format
+KEEP_CONVERTED = {
+    "modelopt-nvfp4": (pq.modelopt_nvfp4, "FP8_BLOCK", "re:.*self_attn.*", "weight_scale_2",
+                       "nvfp4-pack-quantized"),
+    "awq": (pq.awq, "W8A16", "re:.*mlp.down_proj$", "qweight", "pack-quantized"),
+}  # fmt: skip
 
-    src = pq.awq(tmp_path / "src")
-    ignore = [*IGNORE, "re:.*mlp.down_proj$"]
-    quantize_folder(src, tmp_path / "out", resolve_config("W8A16", ignore=ignore),
+
+@pytest.mark.parametrize("kind", KEEP_CONVERTED)
+def test_keep_source_quantization_for_ignored_through_a_converter(tmp_path, kind):
+    """ModelOpt and AutoAWQ layers are kept as compressed-tensors' converters write them."""
+    from compressed_tensors.entrypoints.convert.converters import (
+        AutoAWQConverter,
+        ModelOptNvfp4Converter,
+    )
+
+    make, scheme, pattern, marker, fmt = KEEP_CONVERTED[kind]
+    src = make(tmp_path / "src")
+    quantize_folder(src, tmp_path / "out", resolve_config(scheme, ignore=[*IGNORE, pattern]),
                     keep_source_quantization=True)  # fmt: skip
     got, source = load_tensors(tmp_path / "out"), load_tensors(src)
-    convert = AutoAWQConverter.from_pretrained(str(src))
-    modules = sorted({n.removesuffix(".qweight") for n in source if "down_proj.qweight" in n})
-    for m in modules:
-        want = convert.process({n: t for n, t in source.items() if n.startswith(f"{m}.")})
+    quantized = {n.removesuffix(f".{marker}") for n in source if n.endswith(f".{marker}")}
+    modules = sorted(m for m in quantized if re.match(pattern[3:], m))
+    assert modules
+    if kind == "awq":
+        convert = AutoAWQConverter.from_pretrained(str(src))
+    else:
+        convert = ModelOptNvfp4Converter(targets=modules)
+    for m in modules:  # KV-cache scales are not kept: that scheme is not carried over
+        own = {n: t for n, t in source.items()
+               if n.startswith(f"{m}.") and not n.endswith(("k_scale", "v_scale"))}  # fmt: skip
+        want = convert.process(own)
         assert_same_bytes({n: got[n] for n in want}, want)
     qc = source_config(tmp_path / "out")["quantization_config"]
-    assert qc["config_groups"]["source_config_group_0"]["targets"] == modules
-    assert qc["config_groups"]["source_config_group_0"]["format"] == "pack-quantized"
+    kept = qc["config_groups"]["source_config_group_0"]
+    assert kept["targets"] == modules and kept["format"] == fmt
+    if kind == "modelopt-nvfp4":  # W4A4: served with its input global scale
+        assert kept["input_activations"] is not None
+        assert all(f"{m}.input_global_scale" in got for m in modules)
+    assert not any(n.endswith(("k_scale", "v_scale")) for n in got)
