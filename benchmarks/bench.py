@@ -7,7 +7,8 @@
 Builds a synthetic Llama-style checkpoint once (benchmarks/make_checkpoint.py,
 kept under benchmarks/.data/), then quantizes it per scheme, each run in a fresh
 process: ptqflow through its plain functions (plan_checkpoint, then write_shard
-over a pool of --max-workers threads, then finalize), with --flow also through
+over a pool of --max-workers threads, each shard's upload (hash) on one more
+thread as the flow chains it, then finalize), with --flow also through
 `ptqflow quantize` (Prefect server start-up and task overhead included), and
 llm-compressor's `model_free_ptq` when an interpreter that has it is found
 (--llmcompressor-python, else benchmarks/.venv-llmc from setup_llmcompressor.sh,
@@ -16,7 +17,8 @@ alike; the median of --repeat runs is printed. Peak RSS is the run's own
 (os.wait4; the parent never imports torch, since a child's peak starts at its
 parent's RSS). Finally the outputs of ptqflow and llm-compressor are compared
 tensor by tensor and every difference is listed. Stage seconds are summed over
-shards (over worker threads when --max-workers > 1).
+shards (over worker threads when --max-workers > 1); upload (the shard's hash)
+overlaps the next shard's stages.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_SCHEMES = "FP8_BLOCK,FP8_DYNAMIC,W4A16,NVFP4A16"
-STAGES = ("read", "quantize", "write")
+STAGES = ("read", "quantize", "write", "upload")
 
 
 # --- one run, in a fresh process ---------------------------------------------------------
@@ -52,6 +54,7 @@ def child_plain(src: str, dst: str, scheme: str, max_workers: int, ignore: list[
     from tasks.quantize import write_shard
     from tasks.reindex import plan_checkpoint
     from tasks.schemes import resolve_config
+    from tasks.upload import upload
 
     # imported before the clock starts, as run_llmcompressor.py imports llm-compressor
     importlib.import_module("compressed_tensors.compressors")
@@ -65,8 +68,10 @@ def child_plain(src: str, dst: str, scheme: str, max_workers: int, ignore: list[
     def one(shard):
         return write_shard(shard, folder.open, dest.staging, config.config_groups)
 
-    with ThreadPoolExecutor(max(1, max_workers)) as pool:
-        manifests = list(pool.map(one, plan.shards))
+    # as in the flow: each shard's upload (its hash) runs beside the next shards' quantization
+    with ThreadPoolExecutor(max(1, max_workers)) as pool, ThreadPoolExecutor(1) as uploads:
+        done = [uploads.submit(upload, m, dest) for m in pool.map(one, plan.shards)]
+        manifests = [f.result() for f in done]
     finalize(plan, folder, dest, manifests)
     stages = {k: sum(m["stages"][k] for m in manifests) for k in STAGES}
     return {"seconds": time.perf_counter() - start, "stages": stages}
@@ -226,14 +231,14 @@ def summarize(runs: list[dict], source_bytes: int) -> dict:
 def print_table(results: dict, source_bytes: int) -> None:
     print(f"\nsource {source_bytes / 1e9:.2f} GB; medians; stage seconds summed over shards")
     head = (f"{'scheme':<12} {'tool':<14} {'GB/s':>7} {'peak RSS MiB':>13} {'seconds':>8} "
-            f"{'read s':>7} {'quant s':>8} {'write s':>8}")  # fmt: skip
+            f"{'read s':>7} {'quant s':>8} {'write s':>8} {'upload s':>9}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for scheme, r in results.items():
         for tool, s in r["tools"].items():
             st = [f"{s['stages'][k]:.2f}" if k in s["stages"] else "-" for k in STAGES]
             print(f"{scheme:<12} {tool:<14} {s['gb_per_s']:>7.3f} {s['peak_rss_mib']:>13.0f} "
-                  f"{s['seconds']:>8.2f} {st[0]:>7} {st[1]:>8} {st[2]:>8}")  # fmt: skip
+                  f"{s['seconds']:>8.2f} {st[0]:>7} {st[1]:>8} {st[2]:>8} {st[3]:>9}")  # fmt: skip
         if "ratios" in r:
             q = r["ratios"]
             print(f"{'':<12} {'ptqflow/llmc':<14} {q['throughput']:>6.2f}x "

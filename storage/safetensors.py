@@ -1,8 +1,9 @@
-"""Read safetensors headers and tensors without mmap, and write shards by streaming.
+"""Read safetensors headers and tensors one at a time, and write shards by streaming.
 
-Reading uses plain positioned reads into fresh buffers instead of safetensors'
-mmap, so pages of a shard do not stay resident while the rest of it is
-processed: memory is bounded by the largest tensor, not by the shard.
+Each tensor is mapped (or read) on its own and released when it is freed,
+unlike safetensors' mapping of a whole file, so the pages of a shard do not
+stay resident while the rest of it is processed: memory is bounded by the
+largest unit of work, not by the shard.
 
 Writing follows the safetensors layout (8-byte little-endian header length,
 JSON header padded with spaces to 8 bytes, then the data) but plans the whole
@@ -12,8 +13,8 @@ as soon as it is produced.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import BinaryIO
 
 import torch
 
+from storage.direct import open_output
 from tasks.errors import PtqflowError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -44,7 +46,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# safetensors' own file order: dtypes from last to first of its Dtype enum (widest first), then name
+FILE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0",
+              "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")  # fmt: skip
 MAX_HEADER = 100_000_000
+MMAP_MIN = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -142,32 +148,49 @@ def read_file_header(path: str | os.PathLike, label: str | None = None) -> Heade
 def read_tensor(
     f: BinaryIO, start: int, stop: int, dtype: str, shape: tuple[int, ...], pin: bool = False
 ) -> torch.Tensor:
-    """Read the bytes [start, stop) of an open file into a new CPU tensor.
+    """The bytes [start, stop) of an open file as a CPU tensor.
 
-    The buffer is an uninitialized tensor: a zeroed bytearray would write every
-    page once more before the read fills it. `pin` puts it in page-locked
-    memory, from which a copy to a GPU runs asynchronously.
+    A tensor of a local file is a private mapping of just its own pages: the
+    page cache is not copied, and the pages are unmapped when the tensor is
+    freed. Other files (fsspec streams) and small tensors are read into an
+    uninitialized buffer (a zeroed bytearray would write every page once more).
+    `pin` reads into page-locked memory, from which a copy to a GPU runs
+    asynchronously.
     """
-    buf = torch.empty(stop - start, dtype=torch.uint8, pin_memory=pin)
+    n, fd = stop - start, None if pin or stop - start < MMAP_MIN else _fileno(f)
+    if fd is not None and os.fstat(fd).st_size >= stop:
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(fd, stop - base, offset=base, access=mmap.ACCESS_COPY)
+        buf = torch.frombuffer(mapped, dtype=torch.uint8, offset=start - base, count=n)
+        return buf.view(DTYPES[dtype]).reshape(shape)
+    buf = torch.empty(n, dtype=torch.uint8, pin_memory=pin)
     f.seek(start)
-    got = f.readinto(memoryview(buf.numpy())) if len(buf) else 0
-    if got != len(buf):
+    got = f.readinto(memoryview(buf.numpy())) if n else 0
+    if got != n:
         raise PtqflowError(
             f"{getattr(f, 'path', getattr(f, 'name', 'a source file'))} ended early "
-            f"({got} of {len(buf)} bytes at offset {start}); was it modified during the run?"
+            f"({got} of {n} bytes at offset {start}); was it modified during the run?"
         )
-    if not len(buf):
+    if not n:
         return torch.empty(shape, dtype=DTYPES[dtype])
     return buf.view(DTYPES[dtype]).reshape(shape)
+
+
+def _fileno(f: BinaryIO) -> int | None:
+    try:
+        return f.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
 
 
 def layout(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int]]:
     """Header bytes and data offset of each tensor, in safetensors' order.
 
-    Tensors are laid out by decreasing item size, then name, as safetensors
-    does, so every tensor is aligned to its element size.
+    Tensors are laid out by dtype, then name, exactly as safetensors' own
+    serializer does (so a shard is byte-identical to `save_file` of its
+    tensors), which also aligns every tensor to its element size.
     """
-    ordered = sorted(specs, key=lambda s: (-DTYPES[s.dtype].itemsize, s.name))
+    ordered = sorted(specs, key=lambda s: (FILE_ORDER.index(s.dtype), s.name))
     meta: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offsets: dict[str, int] = {}
     pos = 0
@@ -187,7 +210,8 @@ def layout(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int]]:
 class ShardWriter:
     """Write one safetensors shard whose header is planned before any data exists.
 
-    Data goes to ``<name>.partial`` beside the target; `close` checks that every
+    Data goes to ``<name>.partial`` beside the target (with O_DIRECT where the
+    filesystem allows, see storage/direct.py); `close` checks that every
     planned tensor was written, fsyncs and renames, so a shard file under its
     final name is always complete.
     """
@@ -201,9 +225,8 @@ class ShardWriter:
         self.size = self.data_start + sum(s.nbytes for s in specs)
         self.pending = set(self.specs)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.tmp, "wb")
-        self.f.write(header)
-        self.f.truncate(self.size)
+        self.out = open_output(self.tmp, self.size)
+        self.out.write_at(memoryview(header), 0)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs.get(name)
@@ -214,10 +237,9 @@ class ShardWriter:
             raise RuntimeError(
                 f"{name}: produced {got}, planned {(spec.dtype, spec.shape)} for {self.path.name}"
             )
-        self.f.seek(self.data_start + self.offsets[name])
         if spec.nbytes:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            self.f.write(memoryview(data.numpy()))
+            self.out.write_at(memoryview(data.numpy()), self.data_start + self.offsets[name])
         self.pending.discard(name)
 
     def close(self) -> None:
@@ -225,13 +247,15 @@ class ShardWriter:
             missing = ", ".join(sorted(self.pending)[:5])
             self.abort()
             raise RuntimeError(f"{self.path.name}: tensors never produced: {missing}")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        try:
+            self.out.close()
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self.f.close()
+        self.out.abort()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
@@ -242,11 +266,3 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

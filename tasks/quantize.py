@@ -28,7 +28,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.safetensors import DTYPE_NAMES, DTYPES, ShardWriter, read_tensor, sha256_file
+from storage.safetensors import DTYPE_NAMES, DTYPES, ShardWriter, read_tensor
 from tasks.dequantize import Codec
 from tasks.errors import disk_full_is
 from tasks.plan import ShardPlan, Unit
@@ -388,7 +388,7 @@ def write_shard(
     group -> QuantizationScheme. Only the tensors of one unit (one weight, or
     one fused set) are in memory at a time. The manifest's `stages` holds the
     seconds spent reading (and dequantizing a pre-quantized source), quantizing
-    and writing (with fsync and hashing).
+    and writing (with fsync); the upload stage adds the shard's hash.
     """
     device = torch.device(device)
     start = time.monotonic()
@@ -417,11 +417,9 @@ def write_shard(
                 writer.write(name, value)
             del outputs
             lap("write")
-    path = out_dir / shard.name
     manifest = {
         "name": shard.name,
-        "size": path.stat().st_size,
-        "sha256": sha256_file(path),
+        "size": (out_dir / shard.name).stat().st_size,
         "bytes_in": shard.bytes_in,
     }
     lap("write")

@@ -1,0 +1,128 @@
+"""The streaming shard writer (O_DIRECT and buffered), file hashing and per-tensor reads."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from storage import direct
+from storage.direct import BufferedOutput, DirectOutput, open_output, sha256_file
+from storage.safetensors import ShardWriter, TensorSpec, read_file_header, read_tensor
+from tasks.errors import PtqflowError
+
+
+@pytest.fixture(params=["direct", "buffered"])
+def mode(request, monkeypatch):
+    if request.param == "buffered":  # as on a platform without O_DIRECT (macOS)
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    return request.param
+
+
+def pieces(size: int, rng: random.Random) -> list[tuple[int, int]]:
+    """[start, stop) ranges tiling `size` bytes: single bytes, block-sized and multi-chunk ones."""
+    cuts, pos = [], 0
+    lengths = [1, 7, 4095, 4096, 4097, 100, 3 * direct.CHUNK + 5, direct.CHUNK - 1, 12345]
+    while pos < size:
+        n = min(rng.choice(lengths), size - pos)
+        cuts.append((pos, pos + n))
+        pos += n
+    return cuts
+
+
+def test_writes_in_any_order_give_the_exact_bytes(tmp_path, mode):
+    rng = random.Random(0)
+    size = 4 * direct.CHUNK + 3 * direct.BLOCK + 1234
+    content = rng.randbytes(size)
+    out = open_output(tmp_path / "f", size)
+    assert isinstance(out, DirectOutput if mode == "direct" else BufferedOutput)
+    ranges = pieces(size, rng)
+    rng.shuffle(ranges)
+    for a, b in ranges:
+        out.write_at(memoryview(content)[a:b], a)
+    out.close()
+    assert (tmp_path / "f").read_bytes() == content
+    assert sha256_file(tmp_path / "f") == hashlib.sha256(content).hexdigest()
+
+
+def test_a_block_never_written_is_an_error(tmp_path):
+    out = open_output(tmp_path / "f", 3 * direct.BLOCK)
+    if not isinstance(out, DirectOutput):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    out.write_at(memoryview(bytes(direct.BLOCK + 10)), 0)
+    out.write_at(memoryview(bytes(direct.BLOCK)), 2 * direct.BLOCK)
+    with pytest.raises(RuntimeError, match="1 blocks were never completed"):
+        out.close()
+
+
+def specs_and_tensors(rng: random.Random) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    tensors = {}
+    for i in range(12):
+        rows, cols = rng.choice([(1, 3), (64, 129), (1000, 1031), (3000, 700)])
+        dtype = rng.choice([torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.int32])
+        t = torch.randn(rows, cols, generator=g)
+        tensors[f"model.layers.{i}.w{i % 3}"] = (t * 100).to(dtype)
+    tensors["scalar"] = torch.tensor(3.0)
+    return tensors
+
+
+def test_shard_writer_gives_safetensors_bytes_in_any_order(tmp_path, mode):
+    rng = random.Random(1)
+    tensors = specs_and_tensors(rng)
+    specs = [TensorSpec(k, *_spec(v)) for k, v in tensors.items()]
+    order = list(tensors)
+    rng.shuffle(order)
+    with ShardWriter(tmp_path / "s.safetensors", specs) as w:
+        for name in order:
+            w.write(name, tensors[name])
+    assert (tmp_path / "s.safetensors").read_bytes() == save(tensors, metadata={"format": "pt"})
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_shard_writer_leaves_nothing_when_a_tensor_fails(tmp_path, mode):
+    tensors = specs_and_tensors(random.Random(2))
+    specs = [TensorSpec(k, *_spec(v)) for k, v in tensors.items()]
+    path = tmp_path / "s.safetensors"
+    with pytest.raises(ValueError, match="boom"), ShardWriter(path, specs) as w:
+        for name in list(tensors)[:5]:
+            w.write(name, tensors[name])
+        raise ValueError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="never produced"):
+        with ShardWriter(path, specs) as w:
+            w.write(specs[0].name, tensors[specs[0].name])
+    assert list(tmp_path.iterdir()) == []
+
+
+def _spec(t: torch.Tensor) -> tuple[str, tuple[int, ...]]:
+    from storage.safetensors import DTYPE_NAMES
+
+    return DTYPE_NAMES[t.dtype], tuple(t.shape)
+
+
+def test_read_tensor_maps_local_files_and_reads_streams(tmp_path):
+    tensors = {"big": torch.randn(700, 1000).to(torch.bfloat16), "small": torch.arange(10.0)}
+    data = save(tensors)
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(data)
+    header = read_file_header(path)
+    for opener in (lambda: open(path, "rb"), lambda: io.BytesIO(data)):
+        with opener() as f:
+            for name, want in tensors.items():
+                info = header.tensors[name]
+                start, stop = header.data_start + info.start, header.data_start + info.end
+                got = read_tensor(f, start, stop, info.dtype, info.shape)
+                assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+                got.zero_()  # a private mapping: the file keeps its bytes
+    assert path.read_bytes() == data
+    info = header.tensors["big"]
+    os.truncate(path, header.data_start + info.end - 1)
+    with open(path, "rb") as f, pytest.raises(PtqflowError, match="ended early"):
+        read_tensor(f, header.data_start + info.start, header.data_start + info.end, info.dtype,
+                    info.shape)  # fmt: skip
