@@ -381,25 +381,29 @@ def write_shard(
     out_dir: Path,
     schemes: dict,
     device: str | torch.device = "cpu",
+    overlap: bool | None = None,
 ) -> dict:
     """Write one output shard into `out_dir`, tensor by tensor; returns its manifest.
 
     `open_source(file)` opens a source file for reading; `schemes` maps config
     group -> QuantizationScheme. Only the tensors of one unit (one weight, or
-    one fused set) are in memory at a time. The manifest's `stages` holds the
-    seconds spent reading (and dequantizing a pre-quantized source), quantizing
-    and writing (with fsync); the upload stage adds the shard's hash.
+    one fused set) are in memory at a time; three with `overlap`, the default
+    on a GPU (see `_overlapped`). The manifest's `stages` holds the seconds
+    spent reading (and dequantizing a pre-quantized source), quantizing and
+    writing (with fsync); the upload stage adds the shard's hash.
     """
     device = torch.device(device)
+    cuda = device.type == "cuda"
+    overlap = cuda if overlap is None else overlap
     start = time.monotonic()
     stages = dict.fromkeys(("read", "quantize", "write"), 0.0)
-    last = time.perf_counter()
 
-    def lap(stage: str) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        stages[stage] += now - last
-        last = now
+    def timed(stage: str, fn: Callable, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            stages[stage] += time.perf_counter() - t0  # each stage runs on one thread
 
     full = (f"disk full while writing {out_dir / shard.name}; free space and run the same "
             "command again: finished shards are kept")  # fmt: skip
@@ -407,25 +411,81 @@ def write_shard(
         files = {name: stack.enter_context(open_source(name)) for name in shard.files}
         writer = stack.enter_context(ShardWriter(out_dir / shard.name, shard.specs))
         codec = Codec(shard.source_format) if shard.source_format else None
-        for unit in shard.units:
-            tensors = read_unit(unit, files, codec, device)
-            lap("read")
+        side = torch.cuda.Stream(device) if cuda and overlap else None
+
+        def read(unit: Unit):
+            """The unit's weights; on a GPU side stream, already copying to the device."""
+            with torch.cuda.stream(side) if side else nullcontext():
+                tensors = read_unit(unit, files, codec, device)
+                if side and unit.group is not None:
+                    tensors = [t.to(device, non_blocking=True) for t in tensors]
+                return tensors, side.record_event() if side else None
+
+        def quantize(unit: Unit, loaded) -> tuple[list, object]:
+            """The unit's outputs; from a GPU, copying to pinned host memory."""
+            tensors, copied = loaded
+            if copied is not None:
+                stream = torch.cuda.current_stream(device)
+                stream.wait_event(copied)
+                for t in tensors:  # allocated on the side stream, used on this one
+                    for part in t.values() if isinstance(t, dict) else [t]:
+                        if part.is_cuda:
+                            part.record_stream(stream)
             outputs = unit_outputs(unit, tensors, schemes, device)
-            del tensors
-            lap("quantize")
+            if not cuda:
+                return outputs, None
+            outputs = [(name, t.to("cpu", non_blocking=True)) for name, t in outputs]
+            return outputs, torch.cuda.current_stream(device).record_event()
+
+        def write(produced) -> None:
+            outputs, copied = produced
+            if copied is not None:
+                copied.synchronize()
             for name, value in outputs:
                 writer.write(name, value)
-            del outputs
-            lap("write")
+
+        if overlap:
+            _overlapped(shard.units, read, quantize, write, timed)
+        else:
+            for unit in shard.units:
+                loaded = timed("read", read, unit)
+                timed("write", write, timed("quantize", quantize, unit, loaded))
+                del loaded
     manifest = {
         "name": shard.name,
         "size": (out_dir / shard.name).stat().st_size,
         "bytes_in": shard.bytes_in,
+        "seconds": round(time.monotonic() - start, 3),
+        "stages": {k: round(v, 3) for k, v in stages.items()},
     }
-    lap("write")
-    manifest["seconds"] = round(time.monotonic() - start, 3)
-    manifest["stages"] = {k: round(v, 3) for k, v in stages.items()}
     return manifest
+
+
+def _overlapped(units: list[Unit], read: Callable, quantize: Callable, write: Callable,
+                timed: Callable) -> None:  # fmt: skip
+    """Read unit i+1 and write unit i-1 on their own threads while unit i is quantized.
+
+    On a GPU the host's reads (into pinned memory) and the copies to the device
+    then overlap the device's compute, and the copies back and the disk writes
+    overlap both. Each stage waits for the one before it to hand over, so at
+    most three units are in memory, whatever the shard's size.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="ptqflow-read") as reads, \
+            ThreadPoolExecutor(1, thread_name_prefix="ptqflow-write") as writes:  # fmt: skip
+        loading = reads.submit(timed, "read", read, units[0]) if units else None
+        written = None
+        for i, unit in enumerate(units):
+            loaded = loading.result()
+            if i + 1 < len(units):
+                loading = reads.submit(timed, "read", read, units[i + 1])
+            produced = timed("quantize", quantize, unit, loaded)
+            del loaded
+            if written is not None:
+                written.result()
+            written = writes.submit(timed, "write", write, produced)
+            del produced
+        if written is not None:
+            written.result()
 
 
 def meta_outputs(shape: tuple[int, ...], dtype: str, scheme) -> list[tuple[str, str, tuple]]:

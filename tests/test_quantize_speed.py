@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
 from storage.source import Folder
+from tasks.errors import PtqflowError
 from tasks.quantize import quantize_weights, row_chunks, write_shard
 from tasks.reindex import plan_checkpoint
 from tasks.schemes import resolve_config
@@ -122,6 +126,34 @@ def test_stage_timings_in_manifest(tmp_path):
     assert sum(m["stages"].values()) <= m["seconds"] + 0.01
 
 
+@pytest.mark.parametrize("kind, scheme", [("deepseek_v3", "NVFP4A16"), ("qwen3_moe", "W4A16")])
+def test_overlapped_stages_write_the_same_shards(tmp_path, kind, scheme):
+    """The GPU's overlapped read / quantize / write threads, run on the CPU: same bytes."""
+    src = build_checkpoint(tmp_path / "src", kind, shards=2)
+    config = resolve_config(scheme, ignore=["lm_head"])
+    plan, _ = plan_checkpoint(str(src), config)
+    for overlap in (False, True):
+        for shard in plan.shards:
+            write_shard(shard, Folder(plan.source).open, tmp_path / f"out-{overlap}",
+                        config.config_groups, overlap=overlap)  # fmt: skip
+    for shard in plan.shards:
+        want = (tmp_path / "out-False" / shard.name).read_bytes()
+        assert (tmp_path / "out-True" / shard.name).read_bytes() == want
+
+
+def test_a_failed_read_in_overlapped_stages_leaves_no_shard(tmp_path):
+    src = build_checkpoint(tmp_path / "src", "llama", shards=1)
+    config = resolve_config("FP8_DYNAMIC")
+    plan, _ = plan_checkpoint(str(src), config)
+    (shard,) = plan.shards
+    for name in shard.files:  # the last units' tensors are gone
+        os.truncate(src / name, (src / name).stat().st_size * 2 // 3)
+    out = tmp_path / "out"
+    with pytest.raises(PtqflowError, match="ended early"):
+        write_shard(shard, Folder(plan.source).open, out, config.config_groups, overlap=True)
+    assert list(out.iterdir()) == []
+
+
 def every_finite(dtype: torch.dtype, cols: int = 128) -> torch.Tensor:
     """Every finite value of a 16-bit float dtype, as rows of `cols` (padded with zeros)."""
     values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
@@ -194,3 +226,16 @@ def test_fp4_route_on_quotients_around_every_boundary():
         g = torch.tensor([gscale])
         want = quantize_and_pack_fp4(x * scale / gscale, s, global_scale=g, group_size=16)
         assert torch.equal(_fp4_packed(x * scale / gscale, s, g, args), want)
+
+
+def test_bound_benchmark_names_the_slowest_stage(tmp_path, capsys):
+    from benchmarks.bound import main
+
+    src = build_checkpoint(tmp_path / "src", "llama", shards=2)
+    report = tmp_path / "bound.json"
+    assert main(["--checkpoint", str(src), "--scheme", "W4A16", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    rates = result["rates"]
+    assert set(rates) == {"disk", "compute", "end to end"} and min(rates.values()) > 0
+    assert result["bound"] == min(("disk", "compute"), key=rates.get)
+    assert f"{result['bound']}-bound" in capsys.readouterr().out
