@@ -43,29 +43,36 @@ def observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of `weight` per scale element (llm-compressor's min-max observer).
 
     Reduces strided views in place of the observer's transposed copies: min and
-    max are exact in any order, so the values are the observer's.
+    max are exact in any order, so the values are the observer's. On the CPU,
+    16-bit weights are reduced per row, group or block as float32, which torch
+    reduces 1.5-3x faster; both conversions are exact.
     """
     from compressed_tensors.quantization import QuantizationStrategy as S
     from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
 
     if args.strategy == S.TENSOR:
         return torch.amin(weight).reshape(1), torch.amax(weight).reshape(1)
+    x = weight
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
     if args.strategy == S.CHANNEL:
-        return torch.amin(weight, dim=-1, keepdim=True), torch.amax(weight, dim=-1, keepdim=True)
-    if args.strategy in (S.GROUP, S.TENSOR_GROUP):
+        lo, hi = torch.amin(x, dim=-1, keepdim=True), torch.amax(x, dim=-1, keepdim=True)
+    elif args.strategy in (S.GROUP, S.TENSOR_GROUP):
         if weight.shape[-1] % args.group_size:
             raise ValueError(
                 f"{weight.shape[-1]} columns are not divisible by group size {args.group_size}"
             )
-        groups = weight.unflatten(-1, (-1, args.group_size))
-        return torch.amin(groups, dim=-1), torch.amax(groups, dim=-1)
-    if args.strategy == S.BLOCK:
+        groups = x.unflatten(-1, (-1, args.group_size))
+        lo, hi = torch.amin(groups, dim=-1), torch.amax(groups, dim=-1)
+    elif args.strategy == S.BLOCK:
         bh, bw = args.block_structure
-        padded = maybe_pad_tensor_for_block_quant(weight, tuple(args.block_structure))
+        padded = maybe_pad_tensor_for_block_quant(x, tuple(args.block_structure))
         rows, cols = padded.shape
         blocks = padded.view(rows // bh, bh, cols // bw, bw)
-        return torch.amin(blocks, dim=(1, 3)), torch.amax(blocks, dim=(1, 3))
-    raise ValueError(f"strategy {args.strategy} cannot be applied to weights")
+        lo, hi = torch.amin(blocks, dim=(1, 3)), torch.amax(blocks, dim=(1, 3))
+    else:
+        raise ValueError(f"strategy {args.strategy} cannot be applied to weights")
+    return lo.to(weight.dtype), hi.to(weight.dtype)
 
 
 def scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
