@@ -51,6 +51,7 @@ FILE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I
               "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")  # fmt: skip
 MAX_HEADER = 100_000_000
 MMAP_MIN = 1 << 20
+COPY_BUFFER = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -163,17 +164,22 @@ def read_tensor(
         mapped = mmap.mmap(fd, stop - base, offset=base, access=mmap.ACCESS_COPY)
         buf = torch.frombuffer(mapped, dtype=torch.uint8, offset=start - base, count=n)
         return buf.view(DTYPES[dtype]).reshape(shape)
-    buf = torch.empty(n, dtype=torch.uint8, pin_memory=pin)
-    f.seek(start)
-    got = f.readinto(memoryview(buf.numpy())) if n else 0
-    if got != n:
-        raise PtqflowError(
-            f"{getattr(f, 'path', getattr(f, 'name', 'a source file'))} ended early "
-            f"({got} of {n} bytes at offset {start}); was it modified during the run?"
-        )
     if not n:
         return torch.empty(shape, dtype=DTYPES[dtype])
+    buf = torch.empty(n, dtype=torch.uint8, pin_memory=pin)
+    read_into(f, start, memoryview(buf.numpy()))
     return buf.view(DTYPES[dtype]).reshape(shape)
+
+
+def read_into(f: BinaryIO, start: int, view: memoryview) -> None:
+    """Fill `view` with the bytes of `f` from offset `start`."""
+    f.seek(start)
+    got = f.readinto(view)
+    if got != len(view):
+        raise PtqflowError(
+            f"{getattr(f, 'path', getattr(f, 'name', 'a source file'))} ended early "
+            f"({got} of {len(view)} bytes at offset {start}); was it modified during the run?"
+        )
 
 
 def _fileno(f: BinaryIO) -> int | None:
@@ -224,23 +230,42 @@ class ShardWriter:
         self.data_start = len(header)
         self.size = self.data_start + sum(s.nbytes for s in specs)
         self.pending = set(self.specs)
+        self.buffer = bytearray(COPY_BUFFER)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.out = open_output(self.tmp, self.size)
         self.out.write_at(memoryview(header), 0)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._claim(name, DTYPE_NAMES.get(tensor.dtype), tuple(tensor.shape))
+        if tensor.numel():
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self.out.write_at(memoryview(data.numpy()), self.data_start + self.offsets[name])
+
+    def copy(self, name: str, f: BinaryIO, start: int, dtype: str, shape: tuple[int, ...]) -> None:
+        """Write tensor `name` from the bytes of `f` at `start`, one buffer at a time.
+
+        A tensor copied unchanged (an embedding, a norm, an ignored layer) is
+        never whole in memory, however large.
+        """
+        spec = self._claim(name, dtype, shape)
+        view = memoryview(self.buffer)
+        for pos in range(0, spec.nbytes, len(view)):
+            part = view[: min(len(view), spec.nbytes - pos)]
+            read_into(f, start + pos, part)
+            self.out.write_at(part, self.data_start + self.offsets[name] + pos)
+
+    def _claim(self, name: str, dtype: str | None, shape: tuple[int, ...]) -> TensorSpec:
+        """The planned spec of `name`, checked against what is about to be written."""
         spec = self.specs.get(name)
         if spec is None or name not in self.pending:
             raise RuntimeError(f"{name} is not planned for {self.path.name} or was written twice")
-        got = (DTYPE_NAMES.get(tensor.dtype), tuple(tensor.shape))
-        if got != (spec.dtype, spec.shape):
+        if (dtype, shape) != (spec.dtype, spec.shape):
             raise RuntimeError(
-                f"{name}: produced {got}, planned {(spec.dtype, spec.shape)} for {self.path.name}"
+                f"{name}: produced {(dtype, shape)}, planned {(spec.dtype, spec.shape)} "
+                f"for {self.path.name}"
             )
-        if spec.nbytes:
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            self.out.write_at(memoryview(data.numpy()), self.data_start + self.offsets[name])
         self.pending.discard(name)
+        return spec
 
     def close(self) -> None:
         if self.pending:

@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from storage.safetensors import DTYPE_NAMES, DTYPES, ShardWriter, read_tensor
 from tasks.dequantize import Codec
 from tasks.errors import disk_full_is
-from tasks.plan import ShardPlan, Unit
+from tasks.plan import Read, ShardPlan, Unit
 
 Tensors = dict[str, torch.Tensor]
 
@@ -99,25 +99,56 @@ def row_chunks(weight: torch.Tensor, args, chunk_elements: int) -> list[tuple[in
     return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
 
 
-def _join(pieces: list[Tensors], shared: set[str], shape: torch.Size) -> Tensors:
-    """One compressed state dict from those of consecutive row chunks.
+def _join(pieces: Iterable[Tensors], shared: set[str], weight: torch.Tensor, scheme) -> Tensors:
+    """One compressed state dict from those of consecutive row chunks, filled as they come.
 
     `shared` keys were passed whole to every chunk (global scale, per-tensor
     scale) and come back unchanged; `weight_shape` (pack-quantized) is the
-    original shape; everything else is per row and concatenated.
+    original shape; everything else is per row, copied into place in a tensor
+    allocated once with the shape the whole weight gives on the meta device,
+    so each chunk's piece is freed as soon as it is copied.
     """
-    out = {}
-    for key, first in pieces[0].items():
-        if key in shared or len(pieces) == 1:
-            out[key] = first
-        elif key == "weight_shape":
-            out[key] = torch.tensor(shape, dtype=first.dtype)
-        else:
-            parts = [p[key] for p in pieces]
-            rows = sum(len(p) for p in parts)
-            out[key] = torch.empty((rows, *first.shape[1:]), dtype=first.dtype)
-            torch.cat(parts, out=out[key])
+    layout = _layout(tuple(weight.shape), DTYPE_NAMES[weight.dtype], scheme.model_dump_json())
+    out, filled = {}, {}
+    for piece in pieces:
+        for key, part in piece.items():
+            if key in shared:
+                out.setdefault(key, part)
+            elif key == "weight_shape":
+                out.setdefault(key, torch.tensor(weight.shape, dtype=part.dtype))
+            else:
+                if key not in out:
+                    dtype, shape = layout[key]
+                    out[key] = torch.empty(shape, dtype=DTYPES[dtype], device=part.device)
+                    filled[key] = 0
+                _copy_rows(out[key], filled[key], part)
+                filled[key] += len(part)
+    for key, rows in filled.items():
+        if rows != len(out[key]):
+            raise RuntimeError(f"row chunks gave {rows} rows of {key}, expected {len(out[key])}")
     return out
+
+
+def _copy_rows(dst: torch.Tensor, start: int, part: torch.Tensor) -> None:
+    """dst[start : start + len(part)] = part, on the CPU as one plain memcpy.
+
+    torch would split the copy over its OpenMP threads, whose spinning then
+    competes with the chunk workers still running (NVFP4 took twice as long).
+    """
+    rows = dst[start : start + len(part)]
+    if dst.device.type != "cpu" or not part.numel():
+        rows.copy_(part)
+        return
+    target = rows.view(-1).view(torch.uint8).numpy()
+    target[...] = part.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(shape: tuple[int, ...], dtype: str, scheme_json: str) -> dict[str, tuple[str, tuple]]:
+    from compressed_tensors.quantization import QuantizationScheme
+
+    scheme = QuantizationScheme.model_validate_json(scheme_json)
+    return {name: (dt, shp) for name, dt, shp in meta_outputs(shape, dtype, scheme)}
 
 
 def _global_scale(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -330,10 +361,13 @@ def quantize_weights(
             if not args.symmetric:
                 shared["weight_zero_point"] = zero_point.to(args.zp_dtype)
         chunks = row_chunks(w, args, chunk_elements)
-        parallel = _pool().map if w.device.type == "cpu" and len(chunks) > 1 else map
         rows = functools.partial(_compress_rows, w, args=args, compress=compress, whole=shared)
-        pieces = list(parallel(lambda c, rows=rows: rows(*c), chunks))
-        out.append(_join(pieces, set(shared), w.shape))
+        if len(chunks) == 1:
+            out.append(rows(*chunks[0]))
+            continue
+        parallel = _pool().map if w.device.type == "cpu" else map
+        pieces = parallel(lambda c, rows=rows: rows(*c), chunks)
+        out.append(_join(pieces, set(shared), w, scheme))
     return out
 
 
@@ -416,12 +450,19 @@ def write_shard(
             "command again: finished shards are kept")  # fmt: skip
     with disk_full_is(full), ExitStack() as stack:
         files = {name: stack.enter_context(open_source(name)) for name in shard.files}
+        # tensors copied unchanged are streamed by the write stage: on its own thread, with
+        # its own file objects (a file's position cannot be shared between threads)
+        copies = {name: stack.enter_context(open_source(name)) for name in shard.files} \
+            if overlap else files  # fmt: skip
         writer = stack.enter_context(ShardWriter(out_dir / shard.name, shard.specs))
         codec = Codec(shard.source_format) if shard.source_format else None
         side = torch.cuda.Stream(device) if cuda and overlap else None
 
         def read(unit: Unit):
-            """The unit's weights; on a GPU side stream, already copying to the device."""
+            """The unit's weights; on a GPU side stream, already copying to the device.
+            None for a unit copied unchanged: `write` streams it from the source."""
+            if _copied(unit):
+                return None, None
             with torch.cuda.stream(side) if side else nullcontext():
                 tensors = read_unit(unit, files, codec, device)
                 if side and unit.group is not None:
@@ -431,6 +472,8 @@ def write_shard(
         def quantize(unit: Unit, loaded) -> tuple[list, object]:
             """The unit's outputs; from a GPU, copying to pinned host memory."""
             tensors, copied = loaded
+            if tensors is None:
+                return [(w.name, w.read) for w in unit.weights], None
             if copied is not None:
                 stream = torch.cuda.current_stream(device)
                 stream.wait_event(copied)
@@ -449,7 +492,10 @@ def write_shard(
             if copied is not None:
                 copied.synchronize()
             for name, value in outputs:
-                writer.write(name, value)
+                if isinstance(value, Read):
+                    writer.copy(name, copies[value.file], value.start, value.dtype, value.shape)
+                else:
+                    writer.write(name, value)
 
         if overlap:
             _overlapped(shard.units, read, quantize, write, timed)
@@ -466,6 +512,11 @@ def write_shard(
         "stages": {k: round(v, 3) for k, v in stages.items()},
     }
     return manifest
+
+
+def _copied(unit: Unit) -> bool:
+    """Is the unit written exactly as the source stores it (not quantized, not decoded)?"""
+    return unit.group is None and not any(w.encoded for w in unit.weights)
 
 
 def _overlapped(units: list[Unit], read: Callable, quantize: Callable, write: Callable,

@@ -126,3 +126,19 @@ def test_read_tensor_maps_local_files_and_reads_streams(tmp_path):
     with open(path, "rb") as f, pytest.raises(PtqflowError, match="ended early"):
         read_tensor(f, header.data_start + info.start, header.data_start + info.end, info.dtype,
                     info.shape)  # fmt: skip
+
+
+def test_copied_tensors_stream_through_a_small_buffer(tmp_path, mode, monkeypatch):
+    """ShardWriter.copy in pieces of an odd size (partial blocks everywhere): save()'s bytes."""
+    import storage.safetensors as st
+
+    monkeypatch.setattr(st, "COPY_BUFFER", direct.BLOCK + 7)
+    tensors = specs_and_tensors(random.Random(3))
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(save(tensors))
+    header = read_file_header(src)
+    specs = [TensorSpec(k, *_spec(v)) for k, v in tensors.items()]
+    with open(src, "rb") as f, ShardWriter(tmp_path / "out.safetensors", specs) as w:
+        for name, info in reversed(header.tensors.items()):
+            w.copy(name, f, header.data_start + info.start, info.dtype, info.shape)
+    assert (tmp_path / "out.safetensors").read_bytes() == save(tensors, metadata={"format": "pt"})
