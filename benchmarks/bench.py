@@ -51,8 +51,8 @@ def child_plain(src: str, dst: str, scheme: str, max_workers: int, ignore: list[
     from storage.dest import Dest
     from storage.source import Folder
     from tasks.finalize import finalize
+    from tasks.planner import plan_checkpoint
     from tasks.quantize import write_shard
-    from tasks.reindex import plan_checkpoint
     from tasks.schemes import resolve_config
     from tasks.upload import upload
 

@@ -71,8 +71,9 @@ def pcie_rates(device, size: int = 1 << 30, repeat: int = 3) -> tuple[float, flo
 
 def compute_rate(src: Path, plan, schemes: dict, device) -> float:
     """GB/s of quantize_weights on weights already on `device`, unit by unit."""
+    from tasks.compress import quantize_weights
     from tasks.dequantize import Codec
-    from tasks.quantize import quantize_weights, read_unit
+    from tasks.quantize import read_unit
 
     total, seconds = 0, 0.0
     for shard in plan.shards:
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.bench import checkpoint
-    from tasks.reindex import plan_checkpoint
+    from tasks.planner import plan_checkpoint
     from tasks.schemes import resolve_config
 
     a.flow = False

@@ -166,7 +166,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from flows.quantize import run_quantize
     from flows.server import prefect_server
     from storage.dest import Dest
-    from tasks.reindex import plan_checkpoint
+    from tasks.planner import plan_checkpoint
     from tasks.schemes import resolve_config
 
     scheme, config, ignore = (None, DEQUANTIZE, []) if a.command == "dequantize" else (
@@ -217,7 +217,7 @@ def print_summary(result: dict) -> None:
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
-    from tasks.reindex import plan_checkpoint
+    from tasks.planner import plan_checkpoint
     from tasks.schemes import resolve_config
 
     plan, report = plan_checkpoint(

@@ -12,8 +12,8 @@ from storage.dest import Dest
 from storage.source import Folder, open_source
 from tasks.download import cache_dir_for, download
 from tasks.finalize import finalize_task
+from tasks.planner import load_source, reindex_plan
 from tasks.quantize import write_shard
-from tasks.reindex import load_source, reindex_plan
 from tasks.upload import upload
 
 

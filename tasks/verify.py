@@ -39,10 +39,11 @@ from prefect.cache_policies import NO_CACHE
 
 from storage.safetensors import Header, TensorSpec, read_header, read_tensor
 from storage.source import HUB_ID, Folder, open_source
+from tasks.compress import meta_outputs, observe, quantize_weights
 from tasks.dequantize import Codec
 from tasks.errors import PtqflowError
 from tasks.plan import Plan, Read, ShardPlan
-from tasks.quantize import meta_outputs, observe, quantize_weights, read_unit
+from tasks.quantize import read_unit
 from tasks.schemes import scheme_format
 
 INDEX = "model.safetensors.index.json"
@@ -159,7 +160,7 @@ def check_integrity(source: Folder, quantized: Folder) -> Integrity:
     """Everything that headers tell: completeness, index, shard headers, config, layouts."""
     from compressed_tensors.quantization import QuantizationStatus
 
-    from tasks.reindex import plan_checkpoint
+    from tasks.planner import plan_checkpoint
     from tasks.select import assign_groups
 
     files = quantized.files()

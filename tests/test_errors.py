@@ -23,7 +23,7 @@ import torch
 from flows.cli import main
 from storage.dest import MARKER, Dest
 from tasks.errors import PtqflowError
-from tasks.reindex import plan_checkpoint
+from tasks.planner import plan_checkpoint
 from tasks.schemes import resolve_config
 from tests.checkpoints import write_checkpoint
 

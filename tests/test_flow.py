@@ -136,7 +136,7 @@ import sys
 from storage.dest import Dest
 from storage.source import Folder
 from tasks.quantize import write_shard
-from tasks.reindex import plan_checkpoint
+from tasks.planner import plan_checkpoint
 from tasks.schemes import resolve_config
 
 def status(key):

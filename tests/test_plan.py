@@ -19,8 +19,8 @@ from flows.cli import main
 from storage.dest import Dest
 from storage.source import Folder
 from tasks.finalize import finalize
+from tasks.planner import plan_checkpoint
 from tasks.quantize import write_shard
-from tasks.reindex import plan_checkpoint
 from tasks.schemes import resolve_config
 from tests.checkpoints import build_checkpoint, load_tensors, write_checkpoint
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tasks.errors import PtqflowError
-from tasks.reindex import plan_checkpoint
+from tasks.planner import plan_checkpoint
 from tasks.schemes import resolve_config
 from tests import prequantized as pq
 from tests.checkpoints import load_tensors, write_checkpoint

@@ -1,4 +1,4 @@
-"""The fast paths of tasks/quantize.py give compressed-tensors' bytes: row chunks, stage timers."""
+"""The fast paths of tasks/compress.py give compressed-tensors' bytes: row chunks, stage timers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from storage.source import Folder
+from tasks.compress import quantize_weights, row_chunks
 from tasks.errors import PtqflowError
-from tasks.quantize import quantize_weights, row_chunks, write_shard
-from tasks.reindex import plan_checkpoint
+from tasks.planner import plan_checkpoint
+from tasks.quantize import write_shard
 from tasks.schemes import resolve_config
 from tests.checkpoints import build_checkpoint
 from tests.reference import reference_compress
@@ -168,7 +169,7 @@ def test_fp8_route_on_every_quotient(dtype, scale):
     """The short FP8 route equals compressed-tensors' quantize for every finite quotient."""
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
-    from tasks.quantize import _fp8_weight
+    from tasks.compress import _fp8_weight
 
     x = every_finite(dtype)
     args = scheme_of("FP8_DYNAMIC").weights
@@ -184,7 +185,7 @@ def test_int4_route_on_every_quotient(dtype, scale):
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
-    from tasks.quantize import _int4_packed
+    from tasks.compress import _int4_packed
 
     x = every_finite(dtype)
     args = scheme_of("W4A16").weights
@@ -219,7 +220,7 @@ def test_fp4_route_on_quotients_around_every_boundary():
     """The short NVFP4 route equals quantize_and_pack_fp4 on boundaries, ±0 and all bf16 values."""
     from compressed_tensors.compressors.nvfp4.helpers import quantize_and_pack_fp4
 
-    from tasks.quantize import _fp4_packed
+    from tasks.compress import _fp4_packed
 
     x = fp4_quotients()
     args = scheme_of("NVFP4A16").weights

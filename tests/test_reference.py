@@ -11,9 +11,10 @@ import yaml
 
 from storage.dest import Dest
 from storage.source import Folder
+from tasks.compress import quantize_weights
 from tasks.finalize import finalize
-from tasks.quantize import quantize_weights, write_shard
-from tasks.reindex import plan_checkpoint
+from tasks.planner import plan_checkpoint
+from tasks.quantize import write_shard
 from tasks.schemes import resolve_config
 from tests.checkpoints import build_checkpoint, load_tensors
 from tests.reference import reference_compress

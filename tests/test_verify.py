@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from storage.safetensors import read_file_header
+from tasks.compress import meta_outputs
 from tasks.errors import PtqflowError
-from tasks.quantize import meta_outputs
 from tasks.schemes import resolve_config, scheme_format
 from tasks.verify import verify, vllm_layout, write_report
 from tests.checkpoints import build_checkpoint, load_tensors

@@ -1,0 +1,381 @@
+"""Quantize and compress weights: the bytes compressed-tensors would produce, faster.
+
+Quantization parameters are computed exactly as llm-compressor's min-max weight
+observer does (same reshapes, same dtypes), then compressed-tensors' own
+`calculate_qparams`, `generate_gparam` and compressor classes produce the
+stored tensors, so the bytes are those compressed-tensors produces itself.
+
+On the CPU a weight is quantized in row chunks that stay in cache, spread
+over one single-threaded worker per core, and the common schemes (FP8, INT4
+packed, NVFP4) take shorter routes to the same bytes than compressed-tensors'
+own CPU code; tests/test_quantize_speed.py holds the proofs. No Prefect and no
+I/O here: `ptqflow plan` imports this module for output shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from storage.safetensors import DTYPE_NAMES, DTYPES
+
+Tensors = dict[str, torch.Tensor]
+
+# Elements per row chunk: a chunk's input and intermediates stay in a core's L2 cache.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of `weight` per scale element (llm-compressor's min-max observer).
+
+    Reduces strided views in place of the observer's transposed copies: min and
+    max are exact in any order, so the values are the observer's. On the CPU,
+    16-bit weights are reduced per row, group or block as float32, which torch
+    reduces 1.5-3x faster; both conversions are exact.
+    """
+    from compressed_tensors.quantization import QuantizationStrategy as S
+    from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
+
+    if args.strategy == S.TENSOR:
+        return torch.amin(weight).reshape(1), torch.amax(weight).reshape(1)
+    x = weight
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
+    if args.strategy == S.CHANNEL:
+        lo, hi = torch.amin(x, dim=-1, keepdim=True), torch.amax(x, dim=-1, keepdim=True)
+    elif args.strategy in (S.GROUP, S.TENSOR_GROUP):
+        if weight.shape[-1] % args.group_size:
+            raise ValueError(
+                f"{weight.shape[-1]} columns are not divisible by group size {args.group_size}"
+            )
+        groups = x.unflatten(-1, (-1, args.group_size))
+        lo, hi = torch.amin(groups, dim=-1), torch.amax(groups, dim=-1)
+    elif args.strategy == S.BLOCK:
+        bh, bw = args.block_structure
+        padded = maybe_pad_tensor_for_block_quant(x, tuple(args.block_structure))
+        rows, cols = padded.shape
+        blocks = padded.view(rows // bh, bh, cols // bw, bw)
+        lo, hi = torch.amin(blocks, dim=(1, 3)), torch.amax(blocks, dim=(1, 3))
+    else:
+        raise ValueError(f"strategy {args.strategy} cannot be applied to weights")
+    return lo.to(weight.dtype), hi.to(weight.dtype)
+
+
+def scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """dtype compressed-tensors gives a weight's scale parameter before compression."""
+    if weight_dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return weight_dtype
+    return torch.float16
+
+
+def row_chunks(weight: torch.Tensor, args, chunk_elements: int) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) that quantize independently of each other.
+
+    Rows are independent given their scales; a chunk holds whole scale blocks
+    (BLOCK) and a multiple of 32 rows, so a zero point packed along rows
+    (pack-quantized, asymmetric) packs into whole int32 words.
+    """
+    from compressed_tensors.quantization import QuantizationStrategy as S
+
+    rows, cols = weight.shape
+    if weight.is_meta or rows == 0:
+        return [(0, rows)]
+    unit = math.lcm(32, args.block_structure[0] if args.strategy == S.BLOCK else 1)
+    step = max(unit, chunk_elements // max(cols, 1) // unit * unit)
+    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+
+
+def _join(pieces: Iterable[Tensors], shared: set[str], weight: torch.Tensor, scheme) -> Tensors:
+    """One compressed state dict from those of consecutive row chunks, filled as they come.
+
+    `shared` keys were passed whole to every chunk (global scale, per-tensor
+    scale) and come back unchanged; `weight_shape` (pack-quantized) is the
+    original shape; everything else is per row, copied into place in a tensor
+    allocated once with the shape the whole weight gives on the meta device,
+    so each chunk's piece is freed as soon as it is copied.
+    """
+    layout = _layout(tuple(weight.shape), DTYPE_NAMES[weight.dtype], scheme.model_dump_json())
+    out, filled = {}, {}
+    for piece in pieces:
+        for key, part in piece.items():
+            if key in shared:
+                out.setdefault(key, part)
+            elif key == "weight_shape":
+                out.setdefault(key, torch.tensor(weight.shape, dtype=part.dtype))
+            else:
+                if key not in out:
+                    dtype, shape = layout[key]
+                    out[key] = torch.empty(shape, dtype=DTYPES[dtype], device=part.device)
+                    filled[key] = 0
+                _copy_rows(out[key], filled[key], part)
+                filled[key] += len(part)
+    for key, rows in filled.items():
+        if rows != len(out[key]):
+            raise RuntimeError(f"row chunks gave {rows} rows of {key}, expected {len(out[key])}")
+    return out
+
+
+def _copy_rows(dst: torch.Tensor, start: int, part: torch.Tensor) -> None:
+    """dst[start : start + len(part)] = part, on the CPU as one plain memcpy.
+
+    torch would split the copy over its OpenMP threads, whose spinning then
+    competes with the chunk workers still running (NVFP4 took twice as long).
+    """
+    rows = dst[start : start + len(part)]
+    if dst.device.type != "cpu" or not part.numel():
+        rows.copy_(part)
+        return
+    target = rows.view(-1).view(torch.uint8).numpy()
+    target[...] = part.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(shape: tuple[int, ...], dtype: str, scheme_json: str) -> dict[str, tuple[str, tuple]]:
+    from compressed_tensors.quantization import QuantizationScheme
+
+    scheme = QuantizationScheme.model_validate_json(scheme_json)
+    return {name: (dt, shp) for name, dt, shp in meta_outputs(shape, dtype, scheme)}
+
+
+def _global_scale(weights: list[torch.Tensor]) -> torch.Tensor:
+    """The TENSOR_GROUP (NVFP4) global scale shared by `weights`, as llm-compressor fuses it."""
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    absmax = None
+    for w in weights:
+        lo, hi = torch.aminmax(w)
+        m = torch.max(-lo, hi)
+        absmax = m if absmax is None else torch.max(absmax, m)
+    return generate_gparam(-absmax.reshape(1), absmax.reshape(1))
+
+
+# --- shorter routes to compressed-tensors' bytes ------------------------------------------
+#
+# compressed-tensors' CPU path converts and copies more than its result needs:
+# clamps with tensor bounds (a slow broadcast), rounds FP8 through the weight's
+# dtype and back (an unvectorized conversion), and packs INT4 by scatter-adds.
+# These routes do the same arithmetic on the same operands in fewer passes;
+# tests/test_quantize_speed.py checks them against compressed-tensors on every
+# bf16 and fp16 quotient value and on whole weights with edge values.
+
+
+def _divide(x: torch.Tensor, scale: torch.Tensor, args) -> torch.Tensor:
+    """x / scale per element with compressed-tensors' operands and dtypes, in x's shape."""
+    from compressed_tensors.quantization import QuantizationStrategy as S
+    from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
+
+    if args.strategy == S.BLOCK:
+        bh, bw = args.block_structure
+        padded = maybe_pad_tensor_for_block_quant(x, tuple(args.block_structure))
+        rows, cols = padded.shape
+        blocks = padded.view(rows // bh, bh, cols // bw, bw)
+        q = blocks / scale.view(rows // bh, 1, cols // bw, 1)
+        return q.view(rows, cols)[: x.shape[0], : x.shape[1]]
+    if args.strategy in (S.GROUP, S.TENSOR_GROUP):
+        return (x.unflatten(-1, (-1, args.group_size)) / scale.unsqueeze(-1)).flatten(-2)
+    return x / scale
+
+
+def _fp8_weight(x: torch.Tensor, scale: torch.Tensor, args) -> torch.Tensor:
+    """compressed-tensors' FP8 weight: clamp(x / scale) -> fp8 -> x.dtype -> fp8.
+
+    With finite operands the quotient is finite: clamping with Python-number
+    bounds gives what tensor bounds give, and the round trip through x.dtype
+    returns every finite fp8 value unchanged, so one in-place clamp and one
+    conversion remain.
+    """
+    from compressed_tensors.quantization.quant_args import FP8_E4M3_DATA
+
+    q = _divide(x, scale, args)
+    return q.clamp_(FP8_E4M3_DATA.min, FP8_E4M3_DATA.max).to(FP8_E4M3_DATA.dtype)
+
+
+def _int4_packed(x: torch.Tensor, scale: torch.Tensor, args) -> torch.Tensor:
+    """pack_to_int32(round(clamp(x / scale, -8, 7)), 4) for rows of a multiple of 8 values.
+
+    pack_to_int32 puts value k of each run of 8 (offset by 8) at bits 4k of an
+    int32; on a little-endian host that is byte k // 2, low nibble for even k.
+    """
+    q = _divide(x, scale, args).clamp_(-8, 7).round_().add_(8).to(torch.uint8)
+    pairs = q.view(q.shape[0], -1, 2)
+    packed = pairs[..., 0] | (pairs[..., 1] << 4)
+    return packed.view(torch.int32)
+
+
+# Round-to-nearest-even boundaries of |x| between the FP4 (E2M1) magnitudes
+# 0, 0.5, 1, 1.5, 2, 3, 4, 6, as compressed-tensors' cast_to_fp4 draws them:
+# (boundary, whether the boundary itself rounds up).
+FP4_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
+             (3.5, True), (5.0, False))  # fmt: skip
+
+
+def _fp4_packed(x: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, args):
+    """quantize_and_pack_fp4(x, scale, global_scale) where scale / global_scale is finite, not 0.
+
+    compressed-tensors clamps x / (scale / global_scale) to [-6, 6], rounds it
+    to FP4 with 8 masked writes, then recovers each FP4 code from the rounded
+    value with 8 more. The code is the number of boundaries below |x| (ties
+    rounding to the even code), plus 8 for x < 0 (a value that rounds to zero
+    keeps its sign, an exact -0.0 does not: torch.sign(-0.0) is 0).
+    """
+    q = _divide(x, scale / global_scale, args).clamp_(-6.0, 6.0)
+    a = q.abs()
+    code = (q < 0).to(torch.uint8).mul_(8)
+    for boundary, up in FP4_STEPS:
+        code += a >= boundary if up else a > boundary
+    pairs = code.view(code.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def compress_function(scheme) -> Callable[[Tensors], Tensors]:
+    """compressed-tensors' compressor.compress(state, scheme), by a shorter route where one exists.
+
+    The routes take symmetric FP8 (tensor, channel, block), INT4 pack-quantized
+    (channel, group) and NVFP4 weights whose scales are finite (NVFP4: and
+    nonzero). A scale is finite exactly when the values it scales are (min and
+    max propagate NaN and infinity), so the routes never see the NaNs whose sign
+    compressed-tensors' conversions rewrite; rows with an infinite or NaN weight
+    go through compressed-tensors itself.
+    """
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationStrategy as S
+
+    from tasks.schemes import scheme_format
+
+    args, fmt = scheme.weights, scheme_format(scheme)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    kind = (args.type, args.num_bits, args.strategy)
+    fp8 = fmt in ("float-quantized", "naive-quantized") and kind in (
+        ("float", 8, S.TENSOR), ("float", 8, S.CHANNEL), ("float", 8, S.BLOCK)
+    )  # fmt: skip
+    int4 = fmt == "pack-quantized" and kind in (("int", 4, S.CHANNEL), ("int", 4, S.GROUP))
+    fp4 = fmt == "nvfp4-pack-quantized" and kind == ("float", 4, S.TENSOR_GROUP)
+    shortcut = (fp8 or int4 or fp4) and args.symmetric and sys.byteorder == "little"
+
+    def compress(state: Tensors) -> Tensors:
+        w, scale = state["weight"], state["weight_scale"]
+        if fp4 and not w.is_meta:
+            scale = scale / state["weight_global_scale"]  # what the FP4 values are scaled by
+        if (
+            not shortcut
+            or w.is_meta
+            or (int4 and w.shape[-1] % 8)
+            or not torch.isfinite(scale).all()
+            or (fp4 and not scale.all())
+        ):
+            return compressor.compress(state, scheme)
+        out = {k: v for k, v in state.items() if k != "weight"}
+        if fp8:
+            out["weight"] = _fp8_weight(w, scale, args)
+        elif int4:
+            out["weight_packed"] = _int4_packed(w, scale, args)
+            out["weight_shape"] = torch.tensor(w.shape)
+        else:
+            out["weight_packed"] = _fp4_packed(w, state["weight_scale"],
+                                               state["weight_global_scale"], args)  # fmt: skip
+            del out["weight_scale"]  # stored as the compressor stores it, after the weight
+            out["weight_scale"] = compressor._compress_scale(state["weight_scale"], args)
+        return out
+
+    return compress
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """One thread per core for row chunks, each running torch's ops on itself alone.
+
+    Small ops split over torch's OpenMP threads end in a barrier each; on a
+    busy machine one descheduled thread stalls the others at every op, which
+    made chunked quantization several times slower than on one thread.
+    Chunks on separate single-threaded workers never wait for each other.
+    (torch.set_num_threads in a worker sets that thread's OpenMP team size,
+    and the default for threads that have not run a parallel op yet.)
+    """
+    return ThreadPoolExecutor(
+        os.cpu_count() or 1, thread_name_prefix="ptqflow-quantize",
+        initializer=torch.set_num_threads, initargs=(1,),
+    )  # fmt: skip
+
+
+def _compress_rows(weight, r0: int, r1: int, *, args, compress, whole: dict) -> Tensors:
+    """Compressed state dict of rows [r0, r1) of `weight`.
+
+    `whole` holds parameters computed on the whole weight (global scale, or
+    the per-tensor scale and zero point); everything else comes from the
+    chunk's own min and max, which are those of its rows in the whole weight.
+    """
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    part = weight[r0:r1]
+    state = {"weight": part, **whole}
+    if "weight_scale" not in whole:
+        lo, hi = observe(part, args)
+        scale, zero_point = calculate_qparams(
+            lo, hi, args, global_scale=whole.get("weight_global_scale")
+        )
+        state["weight_scale"] = scale.to(scale_dtype(weight.dtype))
+        if not args.symmetric:
+            state["weight_zero_point"] = zero_point.to(args.zp_dtype)
+    return compress(state)
+
+
+@torch.no_grad()
+def quantize_weights(
+    weights: list[torch.Tensor], scheme, chunk_elements: int = CHUNK_ELEMENTS
+) -> list[Tensors]:
+    """Compressed state dicts (local names: weight_packed, weight_scale, ...) of `weights`.
+
+    The weights share one global scale when the scheme has one (NVFP4): pass
+    all members of a fused set together. Each weight is observed, quantized
+    and compressed in row chunks of about `chunk_elements` elements, which
+    gives the bytes compressed-tensors gives for the whole weight.
+    """
+    from compressed_tensors.quantization import QuantizationStrategy as S
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = scheme.weights
+    compress = compress_function(scheme)
+    whole = {}
+    if args.strategy == S.TENSOR_GROUP:
+        whole["weight_global_scale"] = _global_scale(weights).to(torch.float32)
+    out = []
+    for w in weights:
+        shared = dict(whole)
+        if args.strategy == S.TENSOR:
+            scale, zero_point = calculate_qparams(*observe(w, args), args)
+            shared["weight_scale"] = scale.to(scale_dtype(w.dtype))
+            if not args.symmetric:
+                shared["weight_zero_point"] = zero_point.to(args.zp_dtype)
+        chunks = row_chunks(w, args, chunk_elements)
+        rows = functools.partial(_compress_rows, w, args=args, compress=compress, whole=shared)
+        if len(chunks) == 1:
+            out.append(rows(*chunks[0]))
+            continue
+        parallel = _pool().map if w.device.type == "cpu" else map
+        pieces = parallel(lambda c, rows=rows: rows(*c), chunks)
+        out.append(_join(pieces, set(shared), w, scheme))
+    return out
+
+
+def meta_outputs(shape: tuple[int, ...], dtype: str, scheme) -> list[tuple[str, str, tuple]]:
+    """(local name, dtype, shape) of what quantizing a weight of this shape produces.
+
+    Runs the real quantization code on the meta device, so a shape the scheme
+    cannot represent fails here, before any data is read.
+    """
+    weight = torch.empty(shape, dtype=DTYPES[dtype], device="meta")
+    (state,) = quantize_weights([weight], scheme)
+    zero_point = state.get("weight_zero_point")
+    if "weight_packed" in state and zero_point is not None and zero_point.dtype != torch.int32:
+        # pack-quantized returns early on meta, before it packs an asymmetric zero point
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        zeros = torch.zeros(zero_point.shape, dtype=zero_point.dtype)
+        state["weight_zero_point"] = pack_to_int32(zeros, scheme.weights.num_bits, packed_dim=0)
+    return [(k, DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in sorted(state.items())]

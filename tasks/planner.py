@@ -1,0 +1,476 @@
+"""Plan a run from headers only, and materialise the fused-set reindexing.
+
+No Prefect here (tasks/reindex.py wraps this as the stage's task), so
+`ptqflow plan` does not pay for importing it.
+`plan_checkpoint` is the reindex-fused-weights planning stage: it reads every
+shard's header, validates the checkpoint, decides what each tensor becomes and
+assigns every fused set that shares an NVFP4 global scale to the output shard
+of its first member, so each quantize task can fuse scales on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+from storage.safetensors import FLOAT_DTYPES, Header, TensorSpec, read_header
+from storage.source import Folder, open_source
+from tasks.dequantize import Codec, decode_weights, detect_format, meta
+from tasks.errors import PtqflowError
+from tasks.plan import Plan, Read, ShardPlan, Unit, Weight
+from tasks.select import (
+    EMBEDDING_LEAVES,
+    assign_groups,
+    fused_sets,
+    ignore_pattern,
+    is_router,
+    split_experts,
+    tied_modules,
+)
+
+INDEX = "model.safetensors.index.json"
+MODELOPT_CONFIG = "hf_quant_config.json"
+OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".safetensors")
+LARGE = 1 << 20  # unquantized 2-D tensors with at least this many elements are called out
+
+
+@dataclass
+class Report:
+    """What a plan found, for `ptqflow plan` and for errors."""
+
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    fixes: list[str] = field(default_factory=list)  # ignore patterns that skip the problems
+    suggestions: list[str] = field(default_factory=list)  # layers usually left unquantized
+    callouts: list[str] = field(default_factory=list)
+    source_format: str = "plain"  # how the source stores its weights
+
+
+def read_headers(folder: Folder, files: list[str], workers: int = 8) -> dict[str, Header]:
+    def one(name: str) -> Header:
+        with folder.open_unbuffered(name) as f:
+            return read_header(f, folder.size(name), name)
+
+    with ThreadPoolExecutor(max(1, min(workers, len(files)))) as pool:
+        return dict(zip(files, pool.map(one, files), strict=True))
+
+
+def weight_files(folder: Folder, files: list[str]) -> tuple[list[str], dict[str, str] | None]:
+    """The safetensors files of the checkpoint and the index's weight map, if any."""
+    if INDEX in files:
+        try:
+            weight_map = json.loads(folder.read_text(INDEX))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise PtqflowError(f"{INDEX} is not a valid index ({e}); fix or delete it") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if s not in files]
+        if missing:
+            raise PtqflowError(
+                f"{INDEX} names shard(s) that are not in {folder.url}: {', '.join(missing)}. "
+                "Download the missing files (or fix the index) and run again."
+            )
+        return shards, weight_map
+    shards = [f for f in files if f.endswith(".safetensors") and "/" not in f]
+    if not shards:
+        raise PtqflowError(f"no *.safetensors files in {folder.url}")
+    return shards, None
+
+
+def check_index(weight_map: dict[str, str], headers: dict[str, Header]) -> None:
+    where: dict[str, list[str]] = defaultdict(list)
+    for file, header in headers.items():
+        for name in header.tensors:
+            where[name].append(file)
+    dupes = [f"{n} ({', '.join(fs)})" for n, fs in where.items() if len(fs) > 1]
+    if dupes:
+        raise PtqflowError("tensors stored in more than one shard: " + "; ".join(dupes[:10]))
+    wrong = []
+    for name, file in weight_map.items():
+        if name not in headers[file].tensors:
+            actual = where.get(name)
+            found = f"found in {actual[0]}" if actual else "found nowhere"
+            wrong.append(f"{name}: index says {file}, {found}")
+    if wrong:
+        raise PtqflowError(
+            f"{INDEX} disagrees with the shards ({len(wrong)} tensor(s)):\n  "
+            + "\n  ".join(wrong[:20])
+            + "\nRegenerate the index or re-download the checkpoint."
+        )
+
+
+def other_files(files: list[str], shards: list[str], include_weights: bool) -> list[str]:
+    """Non-weight files to copy unchanged (tokenizer, templates, code, ...)."""
+    out = []
+    for f in files:
+        parts = f.split("/")
+        if f in shards or f in (INDEX, "config.json") or any(p.startswith(".") for p in parts):
+            continue
+        if not include_weights and (parts[0] == "original" or f.endswith(OTHER_WEIGHT_SUFFIXES)):
+            continue
+        out.append(f)
+    return out
+
+
+@dataclass
+class Source:
+    """A checkpoint folder after its headers were read and checked."""
+
+    folder: Folder
+    files: list[str]
+    model_config: dict
+    shards: list[str]
+    headers: dict[str, Header]
+
+
+def load_source(folder: Folder) -> Source:
+    """List SOURCE, read config.json and every shard header, check the index against them."""
+    if not folder.exists():
+        raise PtqflowError(f"source {folder.url} does not exist")
+    files = folder.files()
+    if "config.json" not in files:
+        raise PtqflowError(f"{folder.url} has no config.json; is it a model folder?")
+    model_config = json.loads(folder.read_text("config.json"))
+    shards, weight_map = weight_files(folder, files)
+    headers = read_headers(folder, shards)
+    if weight_map is not None:
+        check_index(weight_map, headers)
+    return Source(folder, files, model_config, shards, headers)
+
+
+def source_weights(headers: dict[str, Header], split: bool = True) -> dict[str, list[Weight]]:
+    """Per source file, its output weights in file order (3-D experts split if `split`)."""
+    out: dict[str, list[Weight]] = {}
+    for file, header in headers.items():
+        weights = []
+        for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].start):
+            base = header.data_start + info.start
+            try:
+                parts = split_experts(name, info.shape) if split else None
+            except ValueError as e:
+                raise PtqflowError(f"{file}: {e}") from None
+            if parts is None:
+                weights.append(
+                    Weight(name, Read(file, name, base, base + info.nbytes, info.dtype, info.shape))
+                )
+                continue
+            row_bytes = info.nbytes // (info.shape[0] * info.shape[1])
+            for out_name, r0, r1 in parts:
+                read = Read(
+                    file,
+                    name,
+                    base + r0 * row_bytes,
+                    base + r1 * row_bytes,
+                    info.dtype,
+                    (r1 - r0, info.shape[2]),
+                )
+                weights.append(Weight(out_name, read))
+        out[file] = weights
+    return out
+
+
+def plan_checkpoint(
+    source: str | Folder,
+    config,
+    *,
+    include_other_weights: bool = False,
+    strict: bool = True,
+    revision: str | None = None,
+    source_format: str | None = None,
+    keep_source_quantization: bool = False,
+) -> tuple[Plan, Report]:
+    """Validate SOURCE against `config` (a resolved QuantizationConfig) and plan every shard.
+
+    Only headers are read. A pre-quantized SOURCE (detected from config.json,
+    or `source_format`) is dequantized weight by weight; with
+    `keep_source_quantization` the weights the config leaves unquantized keep
+    the source's quantization. A config without groups only dequantizes.
+    With `strict`, problems that would make the run fail (tensors the scheme
+    cannot represent, split fused sets, undecodable source tensors) raise a
+    PtqflowError listing all of them; otherwise they are returned in the report.
+    """
+    from compressed_tensors.quantization import QuantizationStrategy
+
+    folder = source if isinstance(source, Folder) else open_source(str(source), revision)
+    src = load_source(folder)
+    model_config, shards = src.model_config, src.shards
+    report = Report()
+    names = [n for h in src.headers.values() for n in h.tensors]
+    side = json.loads(folder.read_text(MODELOPT_CONFIG)) if MODELOPT_CONFIG in src.files else None
+    fmt = detect_format(model_config, names, source_format, side)
+    if fmt is None and not config.config_groups:
+        raise PtqflowError(f"{folder.url} is not quantized: there is nothing to dequantize")
+    per_file = source_weights(src.headers, split=fmt is None)
+    codec, dropped = None, []
+    if fmt is not None:
+        codec = Codec(fmt)
+        per_file, dropped, problems = decode_weights(per_file, codec)
+        report.problems += problems
+        report.source_format = fmt.name
+        encoded = sum(w.encoded for ws in per_file.values() for w in ws)
+        report.callouts.append(
+            f"the source is {fmt.name}: {encoded} weights stored quantized are dequantized "
+            "to BF16 in memory, one at a time, by compressed-tensors' converters"
+        )
+        if dropped:
+            report.callouts.append(
+                f"{len(dropped)} activation / KV-cache scale(s) of the {fmt.name} source are "
+                f"not written (e.g. {dropped[0].name}); the new scheme does not use them"
+                + (
+                    " (layers kept in the source's quantization keep theirs)"
+                    if keep_source_quantization
+                    else ""
+                )
+            )
+    weights = {w.name: w for ws in per_file.values() for w in ws}
+
+    groups = assign_groups(weights, config)
+    targeted = assign_groups(weights, _without_ignore(config))
+    tied = tied_modules(model_config, {w.rpartition(".")[0] for w in groups})
+    if tied:
+        config.ignore = list(config.ignore or []) + sorted(tied)
+        for m in tied:
+            groups.pop(f"{m}.weight", None)
+        report.callouts.append(
+            f"tie_word_embeddings is set: {', '.join(sorted(tied))} stay unquantized "
+            "so the tied weights stay identical"
+        )
+    for name in list(groups):
+        w = weights[name]
+        if len(w.shape) != 2:
+            groups.pop(name)
+        elif w.dtype not in FLOAT_DTYPES:
+            report.problems.append(
+                f"{name} is {w.dtype}, not a float weight; ignore it or fix the source"
+            )
+    kept = {}
+    if keep_source_quantization and codec is not None:
+        kept = {n: w for n, w in weights.items() if w.encoded and n not in groups}
+        # a kept layer keeps its activation scales (not the KV cache's: that scheme goes)
+        scales = defaultdict(list)
+        for d in dropped:
+            if d.name.rpartition(".")[2] not in ("k_scale", "v_scale"):
+                scales[d.module].append(d.read)
+        weights.update({n: replace(w, decoded=None, deps=w.deps + tuple(scales[w.module]))
+                        for n, w in kept.items()})  # fmt: skip
+        per_file = {f: [weights[w.name] for w in ws] for f, ws in per_file.items()}
+    schemes = config.config_groups
+    _check_fused(weights, groups, schemes, report)
+    specs_by_weight = _plan_outputs(weights, groups, schemes, report, codec)
+    _suggest(weights, groups, targeted, report)
+    if strict and report.problems:
+        raise PtqflowError(
+            "cannot quantize as asked:\n  "
+            + "\n  ".join(report.problems)
+            + (
+                "\nIgnore them with: " + " ".join(f"--ignore '{p}'" for p in report.fixes)
+                if report.fixes
+                else ""
+            )
+        )
+
+    # Units: fused sets with a global scale travel together to their first member's shard.
+    shared = QuantizationStrategy.TENSOR_GROUP
+    unit_of: dict[str, tuple[str, ...]] = {}
+    for members in fused_sets(w.rpartition(".")[0] for w in weights):
+        names = tuple(f"{m}.weight" for m in members)
+        if all(n in groups for n in names) and schemes[groups[names[0]]].weights.strategy == shared:
+            for n in names:
+                unit_of[n] = names
+    shard_units: dict[str, list[Unit]] = {f: [] for f in shards}
+    for file in shards:
+        for w in per_file[file]:
+            members = unit_of.get(w.name, (w.name,))
+            if w.name != members[0]:
+                continue
+            shard_units[file].append(Unit(tuple(weights[m] for m in members), groups.get(w.name)))
+    plan_shards = []
+    for file in shards:
+        units = shard_units[file]
+        if not units:
+            continue
+        specs = [s for u in units for w in u.weights for s in specs_by_weight[w.name]]
+        plan_shards.append(ShardPlan(file, units, specs, fmt))
+        report.counts[file] = _count(units, targeted, weights)
+    other = other_files(src.files, shards, include_other_weights)
+    if fmt is not None:  # the output is described by config.json alone
+        other = [f for f in other if f != MODELOPT_CONFIG]
+    fingerprints = {f: folder.fingerprint(f) for f in shards}
+    done = groups.keys() | kept.keys()
+    ignored = [n for n in targeted if n not in done and len(weights[n].shape) == 2]
+    out_config = _config_dict(config, kept, ignored, codec) if config.config_groups else None
+    plan = Plan(folder.url, out_config, plan_shards, other, fingerprints, fmt)
+    return plan, report
+
+
+def _without_ignore(config):
+    return config.model_copy(update={"ignore": []})
+
+
+def _check_fused(weights, groups, schemes, report: Report) -> None:
+    def key(name):
+        g = groups.get(name)
+        return None if g is None else schemes[g].model_dump(exclude={"targets", "format"})
+
+    for members in fused_sets(w.rpartition(".")[0] for w in weights):
+        names = [f"{m}.weight" for m in members]
+        if any(n not in weights for n in names):
+            continue
+        keys = [key(n) for n in names]
+        if any(k != keys[0] for k in keys):
+            status = ", ".join(
+                f"{n.rpartition('.')[0]}: {groups.get(n) or 'unquantized'}" for n in names
+            )
+            report.problems.append(
+                f"fused set {', '.join(members)} would be split ({status}); vLLM loads it as "
+                "one layer, so quantize all of its members with one scheme or ignore all"
+            )
+
+
+def _plan_outputs(weights, groups, schemes, report: Report, codec) -> dict[str, list[TensorSpec]]:
+    from storage.safetensors import DTYPE_NAMES
+    from tasks.compress import meta_outputs
+
+    cache: dict[tuple, list | str] = {}
+    out: dict[str, list[TensorSpec]] = {}
+    bad: list[str] = []
+    for name, w in weights.items():
+        group = groups.get(name)
+        if group is None and w.encoded and w.decoded is None:  # kept as the source has it
+            kept = codec.plan(meta(w.reads), keep=True).items()
+            out[name] = [TensorSpec(k, DTYPE_NAMES[t.dtype], tuple(t.shape)) for k, t in kept]
+            continue
+        if group is None:
+            out[name] = [TensorSpec(name, w.dtype, w.shape)]
+            continue
+        key = (w.shape, w.dtype, group)
+        if key not in cache:
+            try:
+                cache[key] = meta_outputs(w.shape, w.dtype, schemes[group])
+            except (ValueError, RuntimeError) as e:
+                cache[key] = str(e)
+        result = cache[key]
+        if isinstance(result, str):
+            bad.append(name)
+            report.problems.append(f"{name} {list(w.shape)} cannot be {group}: {result}")
+            out[name] = []
+            continue
+        module = name.rpartition(".")[0]
+        out[name] = [TensorSpec(f"{module}.{k}", dtype, shape) for k, dtype, shape in result]
+    if bad:
+        modules = {n.rpartition(".")[0] for n in bad}
+        for members in fused_sets(w.rpartition(".")[0] for w in weights):
+            if modules & set(members):
+                modules |= set(members)
+        report.fixes += sorted({ignore_pattern(m) for m in modules})
+    return out
+
+
+def _suggest(weights, groups, targeted, report: Report) -> None:
+    """Ignore patterns for layers usually left unquantized, and large tensors kept as they are."""
+    for name in groups:
+        module = name.rpartition(".")[0]
+        leaf = module.rpartition(".")[2]
+        if leaf in EMBEDDING_LEAVES or leaf == "lm_head":
+            pattern = module
+        elif is_router(module, weights[name].shape):
+            pattern = ignore_pattern(module)
+        else:
+            continue
+        if pattern not in report.suggestions:
+            report.suggestions.append(pattern)
+    for name, w in weights.items():
+        shape = w.shape
+        n = 1
+        for d in shape:
+            n *= d
+        if name in groups or len(shape) < 2 or (len(shape) == 2 and n < LARGE):
+            continue
+        if len(shape) > 2:
+            why = f"is {len(shape)}-D, only 2-D linear weights are quantized"
+        elif name in targeted:
+            why = "is ignored"
+        else:
+            why = "is not targeted"
+        report.callouts.append(f"{name} {list(shape)} stays {w.dtype}: it {why}")
+
+
+def _count(units: list[Unit], targeted: dict, weights: dict) -> dict[str, int]:
+    counts = {"quantized": 0, "ignored": 0, "kept": 0}
+    for u in units:
+        for w in u.weights:
+            if u.group is not None:
+                counts["quantized"] += 1
+            elif w.name in targeted and len(w.shape) == 2:
+                counts["ignored"] += 1
+            else:
+                counts["kept"] += 1
+    return counts
+
+
+def _config_dict(config, kept=(), ignored=(), codec=None) -> dict:
+    """The quantization_config as compressed-tensors writes it into config.json.
+
+    Modules in `kept` stay quantized as the source had them: each source group
+    targets them by name, and the ignore list becomes the modules in `ignored`,
+    so no pattern of the user's ignores a kept module.
+    """
+    from compressed_tensors import __version__
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+    from tasks.schemes import scheme_format
+
+    groups = {}
+    for name, scheme in config.config_groups.items():
+        scheme = scheme.model_copy(deep=True)
+        scheme.format = scheme_format(scheme)
+        groups[name] = scheme
+    ignore = list(config.ignore or [])
+    if kept:
+        source = QuantizationConfig.model_validate(codec.keep_config)
+        of = assign_groups(kept, _without_ignore(source))
+        for g, scheme in source.config_groups.items():
+            modules = sorted(n.rpartition(".")[0] for n in kept if of.get(n) == g)
+            if modules:
+                scheme = scheme.model_copy(deep=True, update={"targets": modules})
+                scheme.format = scheme.format or scheme_format(scheme)
+                groups[f"source_{g}"] = scheme
+        ignore = sorted(n.rpartition(".")[0] for n in ignored)
+    formats = {s.format for s in groups.values()}
+    final = QuantizationConfig(
+        config_groups=groups,
+        ignore=ignore,
+        quantization_status=QuantizationStatus.COMPRESSED,
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",
+    )
+    return {"version": __version__, **final.model_dump()}
+
+
+def reindex_plan(src: Source) -> Plan:
+    """A copy-only plan that moves every member of a fused set into its first member's shard."""
+    per_file = source_weights(src.headers, split=False)
+    weights = {w.name: (file, w) for file, ws in per_file.items() for w in ws}
+    home: dict[str, str] = {}
+    for members in fused_sets(n.rpartition(".")[0] for n in weights):
+        names = [f"{m}.weight" for m in members]
+        if all(n in weights for n in names):
+            for n in names:
+                home[n] = weights[names[0]][0]
+    units: dict[str, list[Unit]] = {f: [] for f in src.shards}
+    for file, ws in per_file.items():
+        for w in ws:
+            units[home.get(w.name, file)].append(Unit((w,), None))
+    shards = [
+        ShardPlan(
+            f,
+            units[f],
+            [
+                TensorSpec(u.weights[0].name, u.weights[0].read.dtype, u.weights[0].read.shape)
+                for u in units[f]
+            ],
+        )
+        for f in src.shards
+        if units[f]
+    ]
+    return Plan(src.folder.url, None, shards, other_files(src.files, src.shards, False))
