@@ -18,6 +18,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
@@ -230,7 +231,6 @@ class ShardWriter:
         self.data_start = len(header)
         self.size = self.data_start + sum(s.nbytes for s in specs)
         self.pending = set(self.specs)
-        self.buffer = bytearray(COPY_BUFFER)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.out = open_output(self.tmp, self.size)
         self.out.write_at(memoryview(header), 0)
@@ -240,6 +240,11 @@ class ShardWriter:
         if tensor.numel():
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             self.out.write_at(memoryview(data.numpy()), self.data_start + self.offsets[name])
+
+    @cached_property
+    def buffer(self) -> bytearray:
+        """What `copy` streams through, allocated only for a shard that copies a tensor."""
+        return bytearray(COPY_BUFFER)
 
     def copy(self, name: str, f: BinaryIO, start: int, dtype: str, shape: tuple[int, ...]) -> None:
         """Write tensor `name` from the bytes of `f` at `start`, one buffer at a time.
