@@ -142,3 +142,23 @@ def test_copied_tensors_stream_through_a_small_buffer(tmp_path, mode, monkeypatc
         for name, info in reversed(header.tensors.items()):
             w.copy(name, f, header.data_start + info.start, info.dtype, info.shape)
     assert (tmp_path / "out.safetensors").read_bytes() == save(tensors, metadata={"format": "pt"})
+
+
+def test_upload_records_the_hash_a_resume_checks(tmp_path):
+    """The shard's sha256 is taken in the upload stage; a resume trusts it when the stamp moved."""
+    from storage.dest import Dest
+    from storage.results import still_valid
+    from tasks.upload import upload
+
+    dest = Dest(tmp_path / "out")
+    dest.staging.mkdir(parents=True)
+    data = random.Random(4).randbytes(3 * direct.BLOCK + 5)
+    shard = dest.staging / "model.safetensors"
+    shard.write_bytes(data)
+    manifest = upload({"name": shard.name, "size": len(data)}, dest)
+    assert manifest["sha256"] == hashlib.sha256(data).hexdigest()
+    os.utime(shard, ns=(1, 1))  # a new stamp: only the hash can vouch for the file
+    assert still_valid(manifest, dest)
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    os.utime(shard, ns=(2, 2))
+    assert not still_valid(manifest, dest)
