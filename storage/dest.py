@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from storage.direct import sha256_file, sha256_stream
 from storage.source import Folder
 from tasks.errors import PtqflowError
 
@@ -163,11 +164,10 @@ class Dest:
         return {"size": int(info["size"]), "stamp": str(stamp)}
 
     def sha256(self, rel: str) -> str:
-        h = hashlib.sha256()
+        if self.folder.is_local:
+            return sha256_file(self.path(rel))
         with self.folder.open(rel) as f:
-            while block := f.read(1 << 24):
-                h.update(block)
-        return h.hexdigest()
+            return sha256_stream(f)
 
     def remove(self, rel: str) -> None:
         fs = self.folder.fs

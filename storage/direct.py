@@ -23,6 +23,7 @@ import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 BLOCK = 4096
 CHUNK = 8 << 20
@@ -181,8 +182,13 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def _sha256_buffered(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
+        return sha256_stream(f)
+
+
+def sha256_stream(f: BinaryIO) -> str:
+    """The sha256 of what is left to read in `f` (any file object: local, fsspec)."""
+    h = hashlib.sha256()
+    while block := f.read(CHUNK):
+        h.update(block)
     return h.hexdigest()
