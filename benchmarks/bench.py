@@ -44,36 +44,17 @@ STAGES = ("read", "quantize", "write", "upload")
 
 
 def child_plain(src: str, dst: str, scheme: str, max_workers: int, ignore: list[str]) -> dict:
-    """ptqflow without Prefect: plan, write_shard over a thread pool, finalize."""
+    """ptqflow without Prefect: the core pipeline (plan, write_shard on threads, finalize)."""
     import importlib
-    from concurrent.futures import ThreadPoolExecutor
 
-    from storage.dest import Dest
-    from storage.source import Folder
-    from tasks.finalize import finalize
-    from tasks.planner import plan_checkpoint
-    from tasks.quantize import write_shard
-    from tasks.schemes import resolve_config
-    from tasks.upload import upload
+    from tasks.core.pipeline import quantize
+    from tasks.core.schemes import resolve_config
 
     # imported before the clock starts, as run_llmcompressor.py imports llm-compressor
     importlib.import_module("compressed_tensors.compressors")
     start = time.perf_counter()
-    config = resolve_config(scheme, ignore=ignore)
-    plan, _ = plan_checkpoint(src, config)
-    dest = Dest(dst)
-    dest.prepare(plan.source)
-    folder = Folder(plan.source)
-
-    def one(shard):
-        return write_shard(shard, folder.open, dest.staging, config.config_groups)
-
-    # as in the flow: each shard's upload (its hash) runs beside the next shards' quantization
-    with ThreadPoolExecutor(max(1, max_workers)) as pool, ThreadPoolExecutor(1) as uploads:
-        done = [uploads.submit(upload, m, dest) for m in pool.map(one, plan.shards)]
-        manifests = [f.result() for f in done]
-    finalize(plan, folder, dest, manifests)
-    stages = {k: sum(m["stages"][k] for m in manifests) for k in STAGES}
+    summary = quantize(src, dst, resolve_config(scheme, ignore=ignore), max_workers=max_workers)
+    stages = {k: sum(m.stages[k] for m in summary.shards) for k in STAGES}
     return {"seconds": time.perf_counter() - start, "stages": stages}
 
 
@@ -119,9 +100,20 @@ def checkpoint(a: argparse.Namespace) -> Path:
     path = HERE / ".data" / f"llama-{a.size_gb:g}gb-{a.shard_gb:g}gb-h{a.hidden}"
     if not (path / "model.safetensors.index.json").exists():
         print(f"building {path} ...", flush=True)
-        subprocess.run([sys.executable, str(HERE / "make_checkpoint.py"), str(path), "--size-gb",
-                        str(a.size_gb), "--shard-gb", str(a.shard_gb), "--hidden", str(a.hidden)],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "make_checkpoint.py"),
+                str(path),
+                "--size-gb",
+                str(a.size_gb),
+                "--shard-gb",
+                str(a.shard_gb),
+                "--hidden",
+                str(a.hidden),
+            ],
+            check=True,
+        )
     return path
 
 
@@ -180,8 +172,10 @@ def compare(ours: Path, theirs: Path) -> tuple[int, list[str]]:
         for name in sorted(set(a) & set(b)):
             x, y = files[a[name]].get_tensor(name), files[b[name]].get_tensor(name)
             if (x.dtype, x.shape) != (y.dtype, y.shape):
-                problems.append(f"{name}: ptqflow {x.dtype} {tuple(x.shape)}, "
-                                f"llm-compressor {y.dtype} {tuple(y.shape)}")  # fmt: skip
+                problems.append(
+                    f"{name}: ptqflow {x.dtype} {tuple(x.shape)}, "
+                    f"llm-compressor {y.dtype} {tuple(y.shape)}"
+                )
                 continue
             bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
             xi = x.reshape(-1).view(bits[x.element_size()])
@@ -206,8 +200,11 @@ def run_scheme(scheme: str, src: Path, work: Path, cmds: dict, repeat: int) -> d
             shutil.rmtree(dst, ignore_errors=True)
             result = run_child(cmd + [str(src), str(dst), scheme] + tail)
             runs[tool].append(result)
-            print(f"  {scheme:<12} {tool:<14} run {i + 1}/{repeat}: {result['seconds']:7.2f} s, "
-                  f"peak RSS {result['peak_rss'] / 2**20:7.0f} MiB", flush=True)  # fmt: skip
+            print(
+                f"  {scheme:<12} {tool:<14} run {i + 1}/{repeat}: {result['seconds']:7.2f} s, "
+                f"peak RSS {result['peak_rss'] / 2**20:7.0f} MiB",
+                flush=True,
+            )
     return runs
 
 
@@ -230,19 +227,22 @@ def summarize(runs: list[dict], source_bytes: int) -> dict:
 
 def print_table(results: dict, source_bytes: int) -> None:
     print(f"\nsource {source_bytes / 1e9:.2f} GB; medians; stage seconds summed over shards")
-    head = (f"{'scheme':<12} {'tool':<14} {'GB/s':>7} {'peak RSS MiB':>13} {'seconds':>8} "
-            f"{'read s':>7} {'quant s':>8} {'write s':>8} {'upload s':>9}")  # fmt: skip
+    head = (
+        f"{'scheme':<12} {'tool':<14} {'GB/s':>7} {'peak RSS MiB':>13} {'seconds':>8} "
+        f"{'read s':>7} {'quant s':>8} {'write s':>8} {'upload s':>9}"
+    )
     print(head)
     print("-" * len(head))
     for scheme, r in results.items():
         for tool, s in r["tools"].items():
             st = [f"{s['stages'][k]:.2f}" if k in s["stages"] else "-" for k in STAGES]
-            print(f"{scheme:<12} {tool:<14} {s['gb_per_s']:>7.3f} {s['peak_rss_mib']:>13.0f} "
-                  f"{s['seconds']:>8.2f} {st[0]:>7} {st[1]:>8} {st[2]:>8} {st[3]:>9}")  # fmt: skip
+            print(
+                f"{scheme:<12} {tool:<14} {s['gb_per_s']:>7.3f} {s['peak_rss_mib']:>13.0f} "
+                f"{s['seconds']:>8.2f} {st[0]:>7} {st[1]:>8} {st[2]:>8} {st[3]:>9}"
+            )
         if "ratios" in r:
             q = r["ratios"]
-            print(f"{'':<12} {'ptqflow/llmc':<14} {q['throughput']:>6.2f}x "
-                  f"{q['peak_rss']:>12.2f}x")  # fmt: skip
+            print(f"{'':<12} {'ptqflow/llmc':<14} {q['throughput']:>6.2f}x {q['peak_rss']:>12.2f}x")
         if "identical" in r:
             verdict = "bit-identical" if r["identical"] else "DIFFERENT"
             print(f"{'':<12} outputs vs llm-compressor: {verdict} ({r['compared']} tensors)")
@@ -261,8 +261,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-gb", type=float, default=0.4, help="synthetic shard size")
     p.add_argument("--hidden", type=int, default=4096, help="synthetic hidden size")
     p.add_argument("--checkpoint", help="benchmark this checkpoint folder instead")
-    p.add_argument("--ignore", action="append", default=[], metavar="MODULE",
-                   help="passed to both tools (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="passed to both tools (repeatable)",
+    )
     p.add_argument("--flow", action="store_true", help="also run `ptqflow quantize` (Prefect)")
     p.add_argument(
         "--llmcompressor-python",
@@ -284,9 +289,12 @@ def main(argv=None) -> None:
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="ptqflow-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(work / "prefect-home"))
-    print(f"source {src} ({source_bytes / 1e9:.2f} GB), {os.cpu_count()} CPUs, "
-          f"max_workers {a.max_workers}, tools: {', '.join(cmds)}"
-          + (f" ({llmc})" if llmc else " (llm-compressor not found)"), flush=True)  # fmt: skip
+    print(
+        f"source {src} ({source_bytes / 1e9:.2f} GB), {os.cpu_count()} CPUs, "
+        f"max_workers {a.max_workers}, tools: {', '.join(cmds)}"
+        + (f" ({llmc})" if llmc else " (llm-compressor not found)"),
+        flush=True,
+    )
     results = {}
     try:
         for scheme in a.schemes.split(","):

@@ -71,9 +71,9 @@ def pcie_rates(device, size: int = 1 << 30, repeat: int = 3) -> tuple[float, flo
 
 def compute_rate(src: Path, plan, schemes: dict, device) -> float:
     """GB/s of quantize_weights on weights already on `device`, unit by unit."""
-    from tasks.compress import quantize_weights
-    from tasks.dequantize import Codec
-    from tasks.quantize import read_unit
+    from tasks.core.codecs import Codec
+    from tasks.core.compress import quantize_weights
+    from tasks.core.shard import read_unit
 
     total, seconds = 0, 0.0
     for shard in plan.shards:
@@ -101,7 +101,7 @@ def compute_rate(src: Path, plan, schemes: dict, device) -> float:
 
 def end_to_end(src: Path, plan, schemes: dict, device) -> float:
     """GB/s of write_shard over every shard, as a quantize task runs it."""
-    from tasks.quantize import write_shard
+    from tasks.core.shard import write_shard
 
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.bench import checkpoint
-    from tasks.planner import plan_checkpoint
-    from tasks.schemes import resolve_config
+    from tasks.core.planner import plan_checkpoint
+    from tasks.core.schemes import resolve_config
 
     a.flow = False
     src = checkpoint(a)
@@ -146,16 +146,24 @@ def main(argv: list[str] | None = None) -> int:
     bounds = {k: v for k, v in rates.items() if k in ("disk", "PCIe", "compute")}
     bound = min(bounds, key=bounds.get)
     name = torch.cuda.get_device_name(device) if gpu else f"{os.cpu_count()} CPUs"
-    print(f"{a.scheme} on {device} ({name}), source {source_bytes(plan) / 1e9:.2f} GB "
-          f"({src.name})")  # fmt: skip
+    print(f"{a.scheme} on {device} ({name}), source {source_bytes(plan) / 1e9:.2f} GB ({src.name})")
     for k, v in rates.items():
         print(f"  {k:<11} {v:8.2f} GB/s")
     share = rates["end to end"] / bounds[bound]
     print(f"{bound}-bound: end to end runs at {share:.0%} of the {bound} rate")
     if a.json:
-        Path(a.json).write_text(json.dumps({"device": str(device), "name": name,
-                                            "scheme": a.scheme, "rates": rates,
-                                            "bound": bound}, indent=1))  # fmt: skip
+        Path(a.json).write_text(
+            json.dumps(
+                {
+                    "device": str(device),
+                    "name": name,
+                    "scheme": a.scheme,
+                    "rates": rates,
+                    "bound": bound,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -44,8 +44,9 @@ trivial()
 
 def timed(cmd: list[str], env: dict) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return time.perf_counter() - start
 
 
@@ -63,8 +64,12 @@ def main(argv=None) -> None:
     out = str(work / "out")
     py, cli = sys.executable, [sys.executable, "-m", "flows.cli"]
     quantize = [*cli, "quantize", src, out, "--scheme", "FP8_BLOCK", "--ignore", "lm_head"]
-    base = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(work / "prefect"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+    base = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PREFECT_HOME": str(work / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     base.pop("PREFECT_API_URL", None)
     os.environ.update(base)
     (work / "trivial.py").write_text(TRIVIAL_FLOW)
@@ -88,8 +93,10 @@ def main(argv=None) -> None:
     print(f"{'command':<28} {'median s':>9}   runs")
     for name, values in times.items():
         print(f"{name:<28} {med[name]:>9.2f}   {' '.join(f'{x:.2f}' for x in values)}")
-    for mode, prefect in (("running server", "prefect, running server"),
-                          ("own server", "prefect, temporary server")):  # fmt: skip
+    for mode, prefect in (
+        ("running server", "prefect, running server"),
+        ("own server", "prefect, temporary server"),
+    ):
         rerun = "rerun, running server" if mode == "running server" else "rerun, own server"
         print(f"cached rerun beyond Prefect's start-up ({mode}): {med[rerun] - med[prefect]:.2f} s")
 

@@ -11,7 +11,11 @@ def __getattr__(name: str):
         from flows.reindex import reindex_fused_weights
 
         return reindex_fused_weights
+    if name == "verify_checkpoint":
+        from flows.verify import verify_checkpoint
+
+        return verify_checkpoint
     raise AttributeError(name)
 
 
-__all__ = ["model_free_ptq", "quantize_checkpoint", "reindex_fused_weights"]
+__all__ = ["model_free_ptq", "quantize_checkpoint", "reindex_fused_weights", "verify_checkpoint"]

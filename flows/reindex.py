@@ -1,57 +1,47 @@
-"""The `reindex-fused-weights` flow: rewrite a checkpoint so fused sets share a shard."""
+"""The `reindex-fused-weights` flow: rewrite a checkpoint so fused sets share a shard.
+
+Its shards run as every flow's do (flows/shards.py), on the task runner built
+from its own parameters: `num_workers` shards are copied at once.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
+from typing import Annotated
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect import flow
 
+from flows.options import REINDEX
+from flows.shards import run_shards
 from storage.dest import Dest
-from storage.source import Folder, open_source
-from tasks.download import cache_dir_for, download
+from storage.source import Folder
+from tasks.core.records import Summary
+from tasks.core.transfer import cache_dir_for
 from tasks.finalize import finalize_task
-from tasks.planner import load_source, reindex_plan
-from tasks.quantize import write_shard
-from tasks.upload import upload
+from tasks.plan import reindex_plan_task
 
-
-@task(name="plan-reindex", cache_policy=NO_CACHE)
-def reindex_plan_task(source: str, revision: str | None = None):
-    return reindex_plan(load_source(open_source(source, revision)))
-
-
-@task(name="copy-shard", cache_policy=NO_CACHE)
-def copy_shard_task(shard, source: str, dest: Dest, cache_dir: str | None) -> dict:
-    folder = Folder(source)
-    cache = cache_dir_for(folder, cache_dir)
-    paths = download(folder, shard.files, Path(cache) if cache else None)
-    manifest = write_shard(shard, lambda f: open(paths[f], "rb"), dest.staging, {})
-    return upload(manifest, dest)
+described, DEFAULTS = REINDEX.described, REINDEX.defaults
 
 
 @flow(name="reindex-fused-weights")
+@REINDEX.document
 def reindex_fused_weights(
-    source: str,
-    destination: str,
-    num_workers: int = 1,
-    overwrite: bool = False,
-    revision: str | None = None,
-    cache_dir: str | None = None,
-) -> dict:
+    source: Annotated[str, described("source")],
+    destination: Annotated[str, described("destination")],
+    num_workers: Annotated[int, described("num_workers")] = DEFAULTS["num_workers"],
+    overwrite: Annotated[bool, described("overwrite")] = DEFAULTS["overwrite"],
+    revision: Annotated[str | None, described("revision")] = DEFAULTS["revision"],
+    cache_dir: Annotated[str | None, described("cache_dir")] = DEFAULTS["cache_dir"],
+) -> Summary:
     """Copy SOURCE to DESTINATION with every fused set (q/k/v, gate/up, ...) in one shard."""
+    started = time.monotonic()
     plan = reindex_plan_task(source, revision)
     dest = Dest(destination)
     dest.prepare(plan.source, overwrite)
-    futures = [copy_shard_task.submit(s, plan.source, dest, cache_dir) for s in plan.shards]
-    manifests = [f.result() for f in futures]
-    finalize_task(plan, plan.source, dest, manifests)
-    return {"destination": dest.url, "shards": manifests}
-
-
-def run_reindex(source: str, destination: str, num_workers: int = 1, **params) -> dict:
-    runner = ThreadPoolTaskRunner(max_workers=max(1, num_workers))
-    return reindex_fused_weights.with_options(task_runner=runner)(
-        source, destination, num_workers, **params
+    cache = cache_dir_for(Folder(plan.source), cache_dir)
+    manifests = run_shards(
+        plan, None, dest, devices=["cpu"], max_workers=num_workers, cache_dir=cache
     )
+    finalize_task(plan, plan.source, dest, manifests)
+    seconds = round(time.monotonic() - started, 1)
+    return Summary(dest.url, manifests, plan.total_size, seconds)

@@ -15,9 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 PR_SET_PDEATHSIG = 1
 
@@ -49,6 +50,54 @@ def _flush_logs() -> None:
 
 
 @contextlib.contextmanager
+def background(
+    argv: list[str],
+    ready: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen]:
+    """Run `argv` until the block ends, once `ready()`; it dies with this process (Linux).
+
+    Its stderr goes to a temporary file, never a pipe: nobody reads the pipe while
+    it runs, and a full one (64 KiB) would block it. If it exits before it is
+    ready, the error shows the end of that stderr.
+    """
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(err)}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{what} not ready in {timeout} s:\n{_tail(err)}")
+                time.sleep(0.3)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _tail(f, size: int = 2000) -> str:
+    """The last `size` bytes written to the file `f`, as text."""
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - size))
+    return f.read().decode(errors="replace")
+
+
+@contextlib.contextmanager
 def prefect_server(timeout: float = 120.0) -> Iterator[str]:
     """Use PREFECT_API_URL if set; else run a server on 127.0.0.1 for the duration."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -59,21 +108,10 @@ def prefect_server(timeout: float = 120.0) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port), "--no-services"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + timeout
-        while not healthy(url):
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-                raise RuntimeError(f"prefect server exited with {proc.returncode}:\n{err}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prefect server on port {port} not healthy in {timeout} s")
-            time.sleep(0.3)
+    options = f"--host 127.0.0.1 --port {port} --no-services".split()
+    argv = [sys.executable, "-m", "prefect", "server", "start", *options]
+    what = f"prefect server on port {port}"
+    with background(argv, lambda: healthy(url), timeout=timeout, what=what, env=env):
         with temporary_settings({PREFECT_API_URL: url}):
             os.environ["PREFECT_API_URL"] = url  # for subprocesses the run starts
             try:
@@ -81,9 +119,3 @@ def prefect_server(timeout: float = 120.0) -> Iterator[str]:
             finally:
                 _flush_logs()
                 os.environ.pop("PREFECT_API_URL", None)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()

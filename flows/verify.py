@@ -6,24 +6,25 @@ from typing import Annotated
 
 from prefect import State, flow
 from prefect.states import Failed
-from pydantic import Field
 
-from tasks.errors import PtqflowError
+from flows.options import VERIFY
+from storage.errors import PtqflowError
 from tasks.verify import verify_task
+
+described, DEFAULTS = VERIFY.described, VERIFY.defaults
 
 
 @flow(name="verify-checkpoint")
+@VERIFY.document
 def verify_checkpoint(
-    source: Annotated[str, Field(description="the checkpoint QUANTIZED was made from")],
-    quantized: Annotated[str, Field(description="folder, Hub repo id or fsspec URL")],
-    report_dir: Annotated[
-        str | None, Field(description="default: QUANTIZED/.ptqflow/verify when local")
-    ] = None,
-    max_workers: Annotated[int, Field(ge=1, description="shards checked at once")] = 1,
-    device: Annotated[str | None, Field(description="where to re-quantize: cpu, cuda:0")] = None,
-    load: Annotated[bool, Field(description="also compare logits with transformers")] = False,
-    revision: Annotated[str | None, Field(description="Hub SOURCE: branch, tag, commit")] = None,
-    cache_dir: Annotated[str | None, Field(description="where remote shards go")] = None,
+    source: Annotated[str, described("source")],
+    quantized: Annotated[str, described("quantized")],
+    report_dir: Annotated[str | None, described("report_dir")] = DEFAULTS["report_dir"],
+    max_workers: Annotated[int, described("max_workers")] = DEFAULTS["max_workers"],
+    device: Annotated[str | None, described("device")] = DEFAULTS["device"],
+    load: Annotated[bool, described("load")] = DEFAULTS["load"],
+    revision: Annotated[str | None, described("revision")] = DEFAULTS["revision"],
+    cache_dir: Annotated[str | None, described("cache_dir")] = DEFAULTS["cache_dir"],
 ) -> dict | State:
     """Check QUANTIZED against SOURCE; the report is written and attached as artifacts.
 
@@ -31,9 +32,16 @@ def verify_checkpoint(
     byte-exact, outside the scheme's error range or not laid out as vLLM loads it.
     """
     result = verify_task(
-        source, quantized, report_dir=report_dir, max_workers=max_workers, device=device,
-        cache_dir=cache_dir, revision=revision, load=load, fail=False,
-    )  # fmt: skip
+        source,
+        quantized,
+        report_dir=report_dir,
+        max_workers=max_workers,
+        device=device,
+        cache_dir=cache_dir,
+        revision=revision,
+        load=load,
+        fail=False,
+    )
     if not result["ok"]:
         # a Failed state, not an exception: the run fails without a traceback in its logs
         return Failed(message=result["message"], data=result)

@@ -14,16 +14,17 @@ import shutil
 from pathlib import Path
 
 from storage.direct import sha256_file, sha256_stream
+from storage.errors import PtqflowError
+from storage.names import CONFIG, INDEX, partial_path
 from storage.source import Folder
-from tasks.errors import PtqflowError
 
 MARKER = ".ptqflow/dest.json"
-DERIVED = ("config.json", "model.safetensors.index.json")
+DERIVED = (CONFIG, INDEX)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to a temporary name beside `path`, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = partial_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -32,9 +33,12 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def default_state_dir() -> Path:
-    from prefect.settings import PREFECT_HOME
+    """Where ptqflow keeps downloads, staging and results: `$PREFECT_HOME/ptqflow`.
 
-    return Path(PREFECT_HOME.value()) / "ptqflow"
+    PREFECT_HOME is read from the environment, with Prefect's default, so this
+    layer needs no Prefect.
+    """
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser() / "ptqflow"
 
 
 class Dest:
@@ -146,7 +150,7 @@ class Dest:
             target = Path(self.path(rel))
             if local.resolve() != target.resolve():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.partial")
+                tmp = partial_path(target)
                 shutil.copyfile(local, tmp)
                 os.replace(tmp, target)
             return
@@ -159,8 +163,14 @@ class Dest:
         except FileNotFoundError:
             return None
         lfs = info.get("lfs") or {}
-        stamp = (lfs.get("sha256") or info.get("blob_id") or info.get("ETag") or info.get("etag")
-                 or info.get("mtime") or info.get("created"))  # fmt: skip
+        stamp = (
+            lfs.get("sha256")
+            or info.get("blob_id")
+            or info.get("ETag")
+            or info.get("etag")
+            or info.get("mtime")
+            or info.get("created")
+        )
         return {"size": int(info["size"]), "stamp": str(stamp)}
 
     def sha256(self, rel: str) -> str:

@@ -25,31 +25,53 @@ from typing import BinaryIO
 import torch
 
 from storage.direct import open_output
-from tasks.errors import PtqflowError
+from storage.errors import PtqflowError
+from storage.names import partial_path
 
+# safetensors' dtype names -> torch's, for the dtypes this torch has (float8_e8m0fnu came in 2.7)
 DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": torch.float8_e8m0fnu,
+    name: getattr(torch, attr)
+    for name, attr in (
+        ("BOOL", "bool"),
+        ("U8", "uint8"),
+        ("I8", "int8"),
+        ("I16", "int16"),
+        ("U16", "uint16"),
+        ("I32", "int32"),
+        ("U32", "uint32"),
+        ("I64", "int64"),
+        ("U64", "uint64"),
+        ("F16", "float16"),
+        ("BF16", "bfloat16"),
+        ("F32", "float32"),
+        ("F64", "float64"),
+        ("F8_E4M3", "float8_e4m3fn"),
+        ("F8_E5M2", "float8_e5m2"),
+        ("F8_E8M0", "float8_e8m0fnu"),
+    )
+    if hasattr(torch, attr)
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # safetensors' own file order: dtypes from last to first of its Dtype enum (widest first), then name
-FILE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0",
-              "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")  # fmt: skip
+FILE_ORDER = (
+    "U64",
+    "I64",
+    "F64",
+    "F32",
+    "U32",
+    "I32",
+    "BF16",
+    "F16",
+    "U16",
+    "I16",
+    "F8_E8M0",
+    "F8_E4M3",
+    "F8_E5M2",
+    "I8",
+    "U8",
+    "BOOL",
+)
 MAX_HEADER = 100_000_000
 MMAP_MIN = 1 << 20
 COPY_BUFFER = 8 << 20
@@ -225,7 +247,7 @@ class ShardWriter:
 
     def __init__(self, path: str | os.PathLike, specs: list[TensorSpec]):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        self.tmp = partial_path(self.path)
         self.specs = {s.name: s for s in specs}
         header, self.offsets = layout(specs)
         self.data_start = len(header)

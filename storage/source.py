@@ -18,7 +18,8 @@ from typing import BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.errors import PtqflowError, disk_full_is
+from storage.errors import PtqflowError, disk_full_is
+from storage.names import partial_path
 
 
 @dataclass
@@ -113,13 +114,15 @@ class Folder:
         if target.exists() and target.stat().st_size == size:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
+        partial = partial_path(target)
         done = partial.stat().st_size if partial.exists() else 0
         if done > size:
             partial.unlink()
             done = 0
-        full = (f"disk full while downloading {rel} into {cache_dir}; "
-                "free space (or use --cache-dir elsewhere) and run again to resume")  # fmt: skip
+        full = (
+            f"disk full while downloading {rel} into {cache_dir}; "
+            "free space (or use --cache-dir elsewhere) and run again to resume"
+        )
         with disk_full_is(full), self.open(rel) as src, open(partial, "ab") as out:
             src.seek(done)
             while block := src.read(min(chunk, size - done)):

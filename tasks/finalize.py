@@ -1,52 +1,16 @@
-"""Finish a run: copy the other files, then write the index and config.json, last."""
+"""Stage 5, finalize: copy the other files, then write the index and config.json, last."""
 
 from __future__ import annotations
-
-import json
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from storage.dest import Dest
 from storage.source import Folder
-from tasks.errors import PtqflowError
-from tasks.plan import Plan
-
-INDEX = "model.safetensors.index.json"
-
-
-def finalize(plan: Plan, source: Folder, dest: Dest, manifests: list[dict]) -> dict:
-    """Make DEST a complete checkpoint; returns the index written.
-
-    Every shard named by `manifests` must be in DEST with its recorded size.
-    Shard files the plan does not name (left by an earlier run with another
-    layout) and leftover partial files are removed before the index is written.
-    """
-    for m in manifests:
-        if dest.size(m["name"]) != m["size"]:
-            raise PtqflowError(f"output shard {m['name']} is missing or changed in {dest.url}; "
-                               "run again to redo it")  # fmt: skip
-    names = {s.name for s in plan.shards}
-    for entry in dest.entries():
-        if (entry.endswith(".safetensors") and entry not in names) or entry.endswith(".partial"):
-            dest.remove(entry)
-    for rel in plan.other_files:
-        with source.open(rel) as f:
-            dest.write(rel, f.read())
-    index = {
-        "metadata": {"total_size": plan.total_size},
-        "weight_map": dict(sorted(plan.weight_map().items())),
-    }
-    dest.write(INDEX, json.dumps(index, indent=2).encode() + b"\n")
-    model_config = json.loads(source.read_text("config.json"))
-    if plan.config is not None:
-        model_config["quantization_config"] = plan.config
-    elif plan.source_format is not None:  # dequantized
-        model_config.pop("quantization_config", None)
-    dest.write("config.json", (json.dumps(model_config, indent=2, sort_keys=True) + "\n").encode())
-    return index
+from tasks.core.finalize import finalize
+from tasks.core.records import Manifest, Plan
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
-def finalize_task(plan: Plan, source: str, dest: Dest, manifests: list[dict]) -> dict:
+def finalize_task(plan: Plan, source: str, dest: Dest, manifests: list[Manifest]) -> dict:
     return finalize(plan, Folder(source), dest, manifests)

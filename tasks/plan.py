@@ -1,122 +1,40 @@
-"""The plan: small, serialisable descriptions of what every output shard holds.
-
-Plans travel between tasks (and processes) instead of tensors. A `Read` names
-the exact byte range of a source tensor, so a quantize task needs no header
-parsing and can read a fused partner from any source shard.
-"""
+"""Stage 1, plan (`reindex-fused-weights`): which output shard gets which tensors."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from storage.safetensors import TensorSpec
-
-
-@dataclass(frozen=True)
-class Read:
-    """A tensor (or a row range of a 3-D expert tensor) in a source file."""
-
-    file: str
-    tensor: str
-    start: int  # absolute byte offsets in `file`
-    stop: int
-    dtype: str
-    shape: tuple[int, ...]
+from storage.source import open_source
+from tasks.core.checkpoint import load_source
+from tasks.core.planner import plan_checkpoint, reindex_plan
+from tasks.core.records import Plan
 
 
-@dataclass(frozen=True)
-class Weight:
-    """One output weight: `name` is its tensor name in the output (before compression).
-
-    A weight the source stores quantized is read from its main tensor `read` and
-    the tensors it is decoded with (`deps`: scales, shapes). `decoded` is its
-    dtype and shape once dequantized; None keeps it in the source's format.
-    """
-
-    name: str
-    read: Read
-    deps: tuple[Read, ...] = ()
-    decoded: tuple[str, tuple[int, ...]] | None = None
-
-    @property
-    def module(self) -> str:
-        return self.name.rpartition(".")[0]
-
-    @property
-    def reads(self) -> tuple[Read, ...]:
-        return (self.read, *self.deps)
-
-    @property
-    def encoded(self) -> bool:
-        """Stored quantized in the source."""
-        return bool(self.deps)
-
-    @property
-    def dtype(self) -> str:
-        return self.decoded[0] if self.decoded else self.read.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.decoded[1] if self.decoded else self.read.shape
+@task(name="reindex-fused-weights", cache_policy=NO_CACHE)
+def plan_task(
+    source: str,
+    config,
+    include_other_weights: bool = False,
+    revision: str | None = None,
+    source_format: str | None = None,
+    keep_source_quantization: bool = False,
+) -> Plan:
+    """Plan quantize-checkpoint from SOURCE's headers; the plan's callouts go to the run's log."""
+    plan, report = plan_checkpoint(
+        source,
+        config,
+        include_other_weights=include_other_weights,
+        revision=revision,
+        source_format=source_format,
+        keep_source_quantization=keep_source_quantization,
+    )
+    for line in report.callouts:
+        get_run_logger().warning(line)
+    return plan
 
 
-@dataclass(frozen=True)
-class Unit:
-    """Weights processed together: a fused set sharing one global scale, or one tensor.
-
-    `group` is the config group that quantizes them, or None to copy unchanged.
-    """
-
-    weights: tuple[Weight, ...]
-    group: str | None
-
-
-@dataclass(frozen=True)
-class SourceFormat:
-    """How a pre-quantized source stores its weights (see tasks/dequantize.py).
-
-    `name` is one of dequantize.FORMATS; `config` the source's quantization_config.
-    """
-
-    name: str
-    config: dict
-
-
-@dataclass
-class ShardPlan:
-    name: str
-    units: list[Unit]
-    specs: list[TensorSpec]
-    source_format: SourceFormat | None = None  # None: the source is not quantized
-
-    @property
-    def files(self) -> list[str]:
-        """Source files this shard reads from."""
-        return sorted({r.file for u in self.units for w in u.weights for r in w.reads})
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of tensor data this shard writes."""
-        return sum(s.nbytes for s in self.specs)
-
-    @property
-    def bytes_in(self) -> int:
-        """Bytes of source tensor data this shard reads."""
-        return sum(r.stop - r.start for u in self.units for w in u.weights for r in w.reads)
-
-
-@dataclass
-class Plan:
-    source: str
-    config: dict | None  # quantization_config for config.json; None copies config.json as is
-    shards: list[ShardPlan]
-    other_files: list[str]
-    fingerprints: dict[str, str] = field(default_factory=dict)  # source file -> version
-    source_format: SourceFormat | None = None
-
-    @property
-    def total_size(self) -> int:
-        return sum(s.nbytes for s in self.shards)
-
-    def weight_map(self) -> dict[str, str]:
-        return {spec.name: s.name for s in self.shards for spec in s.specs}
+@task(name="plan-reindex", cache_policy=NO_CACHE)
+def reindex_plan_task(source: str, revision: str | None = None) -> Plan:
+    """Plan a copy of SOURCE with every fused set in one shard, nothing quantized."""
+    return reindex_plan(load_source(open_source(source, revision)))

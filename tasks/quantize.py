@@ -1,216 +1,32 @@
-"""The quantize stage: stream one output shard, unit by unit, from its source files.
-
-The weight math is tasks/compress.py; here each unit is read (mapped, or
-pinned and copied for a GPU; dequantized for a pre-quantized source),
-quantized and written at its planned offset, with the stages overlapped on a
-GPU, and the whole wrapped as a Prefect task.
-"""
+"""Stage 3, quantize: write one output shard from its downloaded source files."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import BinaryIO
 
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 
-from storage.safetensors import DTYPE_NAMES, ShardWriter, read_tensor
-from tasks.compress import Tensors, quantize_weights
-from tasks.dequantize import Codec
-from tasks.errors import disk_full_is
-from tasks.plan import Read, ShardPlan, Unit
-
-
-def read_unit(
-    unit: Unit, files: dict[str, BinaryIO], codec: Codec | None, device: str | torch.device
-) -> list[torch.Tensor | Tensors]:
-    """The weights of one unit, as read; dequantized where the source stores them quantized.
-
-    A weight kept in its source's quantization comes back as its state dict in
-    compressed-tensors form. For a GPU, tensors are read into pinned memory so
-    their copies to it do not block.
-    """
-    out, pin = [], torch.device(device).type == "cuda"
-    for w in unit.weights:
-        tensors = {r.tensor: read_tensor(files[r.file], r.start, r.stop, r.dtype, r.shape, pin)
-                   for r in w.reads}  # fmt: skip
-        if not w.encoded:
-            out.append(tensors[w.read.tensor])
-            continue
-        tensors = {k: t.to(device, non_blocking=True) for k, t in tensors.items()}
-        if w.decoded is None:
-            out.append(codec.keep(tensors))
-            continue
-        t = codec.decode(tensors)
-        if DTYPE_NAMES[t.dtype] != w.dtype or tuple(t.shape) != w.shape:
-            raise ValueError(f"{w.name} dequantized to {DTYPE_NAMES[t.dtype]} {list(t.shape)}, "
-                             f"the plan expected {w.dtype} {list(w.shape)}")  # fmt: skip
-        out.append(t)
-    return out
-
-
-def unit_outputs(unit, tensors: list, schemes: dict, device) -> list[tuple]:
-    """(output name, tensor) pairs of one unit: quantized, or the tensors as read."""
-    if unit.group is None:
-        return [
-            pair
-            for w, t in zip(unit.weights, tensors, strict=True)
-            for pair in (t.items() if isinstance(t, dict) else [(w.name, t)])
-        ]
-    tensors = [t.to(device, non_blocking=True) for t in tensors]
-    states = quantize_weights(tensors, schemes[unit.group])
-    return [
-        (f"{w.module}.{key}", value)
-        for w, state in zip(unit.weights, states, strict=True)
-        for key, value in state.items()
-    ]
-
-
-def write_shard(
-    shard: ShardPlan,
-    open_source: Callable[[str], BinaryIO],
-    out_dir: Path,
-    schemes: dict,
-    device: str | torch.device = "cpu",
-    overlap: bool | None = None,
-) -> dict:
-    """Write one output shard into `out_dir`, tensor by tensor; returns its manifest.
-
-    `open_source(file)` opens a source file for reading; `schemes` maps config
-    group -> QuantizationScheme. Only the tensors of one unit (one weight, or
-    one fused set) are in memory at a time; three with `overlap`, the default
-    on a GPU (see `_overlapped`). The manifest's `stages` holds the seconds
-    spent reading (and dequantizing a pre-quantized source), quantizing and
-    writing (with fsync); the upload stage adds the shard's hash.
-    """
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    overlap = cuda if overlap is None else overlap
-    start = time.monotonic()
-    stages = dict.fromkeys(("read", "quantize", "write"), 0.0)
-
-    def timed(stage: str, fn: Callable, *args):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            stages[stage] += time.perf_counter() - t0  # each stage runs on one thread
-
-    full = (f"disk full while writing {out_dir / shard.name}; free space and run the same "
-            "command again: finished shards are kept")  # fmt: skip
-    with disk_full_is(full), ExitStack() as stack:
-        files = {name: stack.enter_context(open_source(name)) for name in shard.files}
-        # tensors copied unchanged are streamed by the write stage: on its own thread, with
-        # its own file objects (a file's position cannot be shared between threads)
-        copies = {name: stack.enter_context(open_source(name)) for name in shard.files} \
-            if overlap else files  # fmt: skip
-        writer = stack.enter_context(ShardWriter(out_dir / shard.name, shard.specs))
-        codec = Codec(shard.source_format) if shard.source_format else None
-        side = torch.cuda.Stream(device) if cuda and overlap else None
-
-        def read(unit: Unit):
-            """The unit's weights; on a GPU side stream, already copying to the device.
-            None for a unit copied unchanged: `write` streams it from the source."""
-            if _copied(unit):
-                return None, None
-            with torch.cuda.stream(side) if side else nullcontext():
-                tensors = read_unit(unit, files, codec, device)
-                if side and unit.group is not None:
-                    tensors = [t.to(device, non_blocking=True) for t in tensors]
-                return tensors, side.record_event() if side else None
-
-        def quantize(unit: Unit, loaded) -> tuple[list, object]:
-            """The unit's outputs; from a GPU, copying to pinned host memory."""
-            tensors, copied = loaded
-            if tensors is None:
-                return [(w.name, w.read) for w in unit.weights], None
-            if copied is not None:
-                stream = torch.cuda.current_stream(device)
-                stream.wait_event(copied)
-                for t in tensors:  # allocated on the side stream, used on this one
-                    for part in t.values() if isinstance(t, dict) else [t]:
-                        if part.is_cuda:
-                            part.record_stream(stream)
-            outputs = unit_outputs(unit, tensors, schemes, device)
-            if not cuda:
-                return outputs, None
-            outputs = [(name, t.to("cpu", non_blocking=True)) for name, t in outputs]
-            return outputs, torch.cuda.current_stream(device).record_event()
-
-        def write(produced) -> None:
-            outputs, copied = produced
-            if copied is not None:
-                copied.synchronize()
-            for name, value in outputs:
-                if isinstance(value, Read):
-                    writer.copy(name, copies[value.file], value.start, value.dtype, value.shape)
-                else:
-                    writer.write(name, value)
-
-        if overlap:
-            _overlapped(shard.units, read, quantize, write, timed)
-        else:
-            for unit in shard.units:
-                loaded = timed("read", read, unit)
-                timed("write", write, timed("quantize", quantize, unit, loaded))
-                del loaded
-    manifest = {
-        "name": shard.name,
-        "size": (out_dir / shard.name).stat().st_size,
-        "bytes_in": shard.bytes_in,
-        "seconds": round(time.monotonic() - start, 3),
-        "stages": {k: round(v, 3) for k, v in stages.items()},
-    }
-    return manifest
-
-
-def _copied(unit: Unit) -> bool:
-    """Is the unit written exactly as the source stores it (not quantized, not decoded)?"""
-    return unit.group is None and not any(w.encoded for w in unit.weights)
-
-
-def _overlapped(units: list[Unit], read: Callable, quantize: Callable, write: Callable,
-                timed: Callable) -> None:  # fmt: skip
-    """Read unit i+1 and write unit i-1 on their own threads while unit i is quantized.
-
-    On a GPU the host's reads (into pinned memory) and the copies to the device
-    then overlap the device's compute, and the copies back and the disk writes
-    overlap both. Each stage waits for the one before it to hand over, so at
-    most three units are in memory, whatever the shard's size.
-    """
-    with ThreadPoolExecutor(1, thread_name_prefix="ptqflow-read") as reads, \
-            ThreadPoolExecutor(1, thread_name_prefix="ptqflow-write") as writes:  # fmt: skip
-        loading = reads.submit(timed, "read", read, units[0]) if units else None
-        written = None
-        for i, unit in enumerate(units):
-            loaded = loading.result()
-            if i + 1 < len(units):
-                loading = reads.submit(timed, "read", read, units[i + 1])
-            produced = timed("quantize", quantize, unit, loaded)
-            del loaded
-            if written is not None:
-                written.result()
-            written = writes.submit(timed, "write", write, produced)
-            del produced
-        if written is not None:
-            written.result()
+from tasks.core.records import Manifest, ShardPlan
+from tasks.core.shard import write_shard
 
 
 @task(name="quantize", cache_policy=NO_CACHE)
-def quantize_task(shard: ShardPlan, paths: dict[str, str], out_dir: str, config, device: str,
-                  limit: str | None = None) -> dict:  # fmt: skip
-    """Quantize one shard from downloaded `paths`.
+def quantize_task(
+    shard: ShardPlan,
+    paths: dict[str, str],
+    out_dir: str,
+    config,
+    device: str = "cpu",
+    limit: str | None = None,
+) -> Manifest:
+    """Quantize one shard from downloaded `paths` with `config` (None copies, as reindex does).
 
     `limit` names the Prefect global concurrency limit of `device`, so shards on
     one GPU never compete for its memory, whichever process or machine runs them.
     """
-    from prefect.concurrency.sync import concurrency
-
+    schemes = config.config_groups if config is not None else {}
     with concurrency(limit, strict=True) if limit else nullcontext():
-        return write_shard(shard, lambda f: open(paths[f], "rb"), Path(out_dir),
-                           config.config_groups, device)  # fmt: skip
+        return write_shard(shard, lambda f: open(paths[f], "rb"), Path(out_dir), schemes, device)

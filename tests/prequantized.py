@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from tasks.schemes import resolve_config
+from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint, load_tensors, write_checkpoint
-from tests.test_reference import IGNORE, quantize_folder
+from tests.helpers import IGNORE, quantize_folder
 
 FP8_MAX = 448.0
 BLOCK = 128
@@ -33,9 +33,11 @@ UNQUANTIZED = ("embed_tokens", "lm_head", "mlp.gate")
 def _linear(name: str, t: torch.Tensor) -> bool:
     module = name.removesuffix(".weight")
     return (
-        name.endswith(".weight") and t.ndim == 2 and not module.endswith("norm")
+        name.endswith(".weight")
+        and t.ndim == 2
+        and not module.endswith("norm")
         and not module.endswith(UNQUANTIZED)
-    )  # fmt: skip
+    )
 
 
 def _bf16(tmp: Path, arch: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -60,9 +62,11 @@ def fp8_block(path: Path, arch: str = "deepseek_v3", shards: int = 3) -> Path:
         out[name] = q.to(torch.float8_e4m3fn)
         out[name.removesuffix("weight") + "weight_scale_inv"] = scale
     config["quantization_config"] = {
-        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
         "weight_block_size": [BLOCK, BLOCK],
-    }  # fmt: skip
+    }
     names = list(out)
     assignment = {n: i * shards // len(names) for i, n in enumerate(names)}
     scales = [n for n in names if n.endswith("weight_scale_inv")]
@@ -95,10 +99,13 @@ def modelopt_nvfp4(path: Path, arch: str = "llama") -> Path:
             out[name] = t
     config = json.loads((ct / "config.json").read_text())
     config["quantization_config"] = {
-        "quant_method": "modelopt", "quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8",
-        "group_size": 16, "exclude_modules": ["lm_head", "model.embed_tokens"],
+        "quant_method": "modelopt",
+        "quant_algo": "NVFP4",
+        "kv_cache_quant_algo": "FP8",
+        "group_size": 16,
+        "exclude_modules": ["lm_head", "model.embed_tokens"],
         "producer": {"name": "modelopt", "version": "0.37.0"},
-    }  # fmt: skip
+    }
     return write_checkpoint(path, out, config, shards=2)
 
 
@@ -119,9 +126,13 @@ def awq(path: Path, arch: str = "llama", group: int = 128) -> Path:
         out[f"{module}.qzeros"] = zeros.to(torch.int32)
         out[f"{module}.scales"] = scales.to(torch.float16)
     config["quantization_config"] = {
-        "quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
-        "version": "gemm", "modules_to_not_convert": None,
-    }  # fmt: skip
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": group,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": None,
+    }
     return write_checkpoint(path, out, config, shards=2)
 
 
@@ -138,11 +149,13 @@ def converter_dequantize(src: Path, work: Path) -> dict[str, torch.Tensor]:
     if method in ("modelopt", "awq"):
         if method == "modelopt":  # targets: what NVIDIA's checkpoints list (quantized modules)
             names = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
-            targets = [n.removesuffix(".weight_scale_2") for n in names
-                       if n.endswith(".weight_scale_2")]  # fmt: skip
+            targets = [
+                n.removesuffix(".weight_scale_2") for n in names if n.endswith(".weight_scale_2")
+            ]
             kv = QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=False)
-            to_ct = c.ModelOptNvfp4Converter(targets=targets, ignore=qc["exclude_modules"],
-                                             kv_cache_scheme=kv)  # fmt: skip
+            to_ct = c.ModelOptNvfp4Converter(
+                targets=targets, ignore=qc["exclude_modules"], kv_cache_scheme=kv
+            )
         else:
             to_ct = c.AutoAWQConverter.from_pretrained(str(src))
         convert_checkpoint(str(src), str(work), to_ct, max_workers=1, device="cpu")

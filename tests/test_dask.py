@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from tasks.schemes import resolve_config
+import pytest
+
+from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint
-from tests.test_flow import files
-from tests.test_reference import IGNORE, quantize_folder
+from tests.helpers import IGNORE, files, quantize_folder
+
+pytestmark = pytest.mark.slow  # Prefect servers, workers, subprocesses
 
 
 def test_dask_local_cluster_output_is_byte_identical(tmp_path, prefect_server):
@@ -13,9 +16,14 @@ def test_dask_local_cluster_output_is_byte_identical(tmp_path, prefect_server):
 
     src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=4)
     result = run_quantize(
-        source=str(src), destination=str(tmp_path / "out"), scheme="NVFP4A16", ignore=IGNORE,
-        device="cpu", max_workers=2, task_runner="dask",
-    )  # fmt: skip
-    assert result["quantized"] == 4
+        source=str(src),
+        destination=str(tmp_path / "out"),
+        scheme="NVFP4A16",
+        ignore=IGNORE,
+        device="cpu",
+        max_workers=2,
+        task_runner="dask",
+    )
+    assert result.quantized == 4
     quantize_folder(src, tmp_path / "want", resolve_config("NVFP4A16", ignore=IGNORE))
     assert files(tmp_path / "out") == files(tmp_path / "want")

@@ -6,8 +6,10 @@ PREFECT_HOME); every command runs as a user would type it, in a subprocess.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from flows.server import free_port, healthy
-from tasks.schemes import resolve_config
+from storage.safetensors import read_file_header
+from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint
-from tests.test_flow import ROOT, files
-from tests.test_reference import quantize_folder
+from tests.helpers import ROOT, files, quantize_folder
 
 IGNORE = ["lm_head", "model.embed_tokens"]
 
@@ -38,13 +40,29 @@ def prefect_server_process(home: Path):
     """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME; yields the environment."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PYTHONPATH=str(ROOT), PWD=str(ROOT))  # fmt: skip
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONPATH=str(ROOT),
+        PWD=str(ROOT),
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     try:
         wait_until(lambda: healthy(env["PREFECT_API_URL"]), 120, "prefect server")
@@ -60,27 +78,41 @@ def server(tmp_path_factory):
         yield env
 
 
-def sh(command: str, env: dict, timeout: float = 300) -> str:
-    """Run a walkthrough command (`prefect ...` / `ptqflow ...`) from the repository root."""
+def command_line(command: str) -> list[str]:
+    """A walkthrough command (`prefect ...` / `ptqflow ...`) as run from this environment."""
     argv = shlex.split(command)
     if argv[0] == "prefect":
-        argv = [sys.executable, "-m", "prefect", *argv[1:]]
-    elif argv[0] == "ptqflow":
-        argv = [sys.executable, "-m", "flows.cli", *argv[1:]]
-    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+        return [sys.executable, "-m", "prefect", *argv[1:]]
+    if argv[0] == "ptqflow":
+        return [sys.executable, "-m", "flows.cli", *argv[1:]]
+    return argv
+
+
+def attempt(command: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a walkthrough command from the repository root, whatever its exit status."""
+    return subprocess.run(
+        command_line(command), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def sh(command: str, env: dict, timeout: float = 300) -> str:
+    """Run a walkthrough command from the repository root; it must succeed."""
+    proc = attempt(command, env, timeout)
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
 
 def start(command: str, env: dict, log: Path | None = None) -> subprocess.Popen:
     """Start a long-running walkthrough command (a worker, `ptqflow serve`)."""
-    argv = shlex.split(command)
-    argv = [sys.executable, "-m", "prefect", *argv[1:]] if argv[0] == "prefect" else [
-        sys.executable, "-m", "flows.cli", *argv[1:]]  # fmt: skip
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        command_line(command),
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
@@ -117,12 +149,16 @@ def params(src, dst, scheme) -> str:
     return f"-p source={src} -p destination={dst} -p scheme={scheme} -p 'ignore={ignore}'"
 
 
+@pytest.mark.slow
 def test_worker_runs_the_quantize_deployment(tmp_path, deployed):
     src = build_checkpoint(tmp_path / "src", "deepseek_v3", shards=3)
     worker = start("prefect worker start --pool ptqflow", deployed)
     try:
-        out = sh(f"prefect deployment run quantize-checkpoint/quantize "
-                 f"{params(src, tmp_path / 'out', 'FP8_BLOCK')} --watch", deployed)  # fmt: skip
+        out = sh(
+            f"prefect deployment run quantize-checkpoint/quantize "
+            f"{params(src, tmp_path / 'out', 'FP8_BLOCK')} --watch",
+            deployed,
+        )
         assert "Completed" in out
     finally:
         stop(worker)
@@ -136,14 +172,17 @@ def flow_run_id(output: str) -> str:
     raise AssertionError(output)
 
 
+@pytest.mark.slow
 def test_killed_worker_then_flow_run_retry_reuses_finished_shards(tmp_path, deployed):
     from benchmarks.make_checkpoint import make_checkpoint
 
     src = make_checkpoint(tmp_path / "src", size_gb=0.3, shard_gb=0.025, hidden=1024)
     out = tmp_path / "out"
     worker = start("prefect worker start --pool ptqflow", deployed)
-    run = sh(f"prefect deployment run quantize-checkpoint/quantize "
-             f"{params(src, out, 'NVFP4A16')}", deployed)  # fmt: skip
+    run = sh(
+        f"prefect deployment run quantize-checkpoint/quantize {params(src, out, 'NVFP4A16')}",
+        deployed,
+    )
     run_id = flow_run_id(run)
     records = out / ".ptqflow" / "results"
     wait_until(lambda: records.exists() and len(list(records.iterdir())) >= 2, 300, "2 shards")
@@ -177,20 +216,44 @@ def test_killed_worker_then_flow_run_retry_reuses_finished_shards(tmp_path, depl
     assert files(out) == want
 
 
+@pytest.mark.slow
 def test_ptqflow_on_an_existing_server_and_dask_cluster(tmp_path, server):
     """`ptqflow quantize ... --task-runner dask --dask-address tcp://...` against one server."""
     port = free_port()
     scheduler = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-         "--port", str(port), "--no-dashboard"],
-        env=server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    workers = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}",
-         "--nworkers", "2", "--nthreads", "2", "--no-dashboard"],
-        cwd=ROOT, env=server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-dashboard",
+        ],
+        env=server,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
-    )  # fmt: skip
+    )
+    workers = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            f"tcp://127.0.0.1:{port}",
+            "--nworkers",
+            "2",
+            "--nthreads",
+            "2",
+            "--no-dashboard",
+        ],
+        cwd=ROOT,
+        env=server,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=3)
         command = (
@@ -205,6 +268,7 @@ def test_ptqflow_on_an_existing_server_and_dask_cluster(tmp_path, server):
     assert files(tmp_path / "out") == reference(src, tmp_path / "want", "W4A16")
 
 
+@pytest.mark.slow
 def test_ptqflow_serve(tmp_path):
     """`ptqflow serve` registers the same deployment names, so it gets a server of its own."""
     with prefect_server_process(tmp_path / "home") as server:
@@ -215,15 +279,95 @@ def serve_and_run(tmp_path: Path, server: dict) -> None:
     src = build_checkpoint(tmp_path / "src", "llama", shards=2)
     served = start("ptqflow serve", server)
     try:
-
-        def deployed() -> bool:
-            proc = subprocess.run([sys.executable, "-m", "prefect", "deployment", "ls"],
-                                  env=server, capture_output=True, text=True)  # fmt: skip
-            return "reindex-fused-weights/reindex" in proc.stdout.replace("│", " ")
-
-        wait_until(deployed, 120, "ptqflow serve to register its deployments")
-        sh(f"prefect deployment run reindex-fused-weights/reindex -p source={src} "
-           f"-p destination={tmp_path / 're'} --watch", server)  # fmt: skip
+        wanted = {
+            "quantize-checkpoint/quantize",
+            "reindex-fused-weights/reindex",
+            "verify-checkpoint/verify",
+        }
+        wait_until(
+            lambda: wanted <= deployments(server), 120, "ptqflow serve to register its deployments"
+        )
+        sh(
+            f"prefect deployment run reindex-fused-weights/reindex -p source={src} "
+            f"-p destination={tmp_path / 're'} --watch",
+            server,
+        )
     finally:
         stop(served)
     assert (tmp_path / "re" / "config.json").read_bytes() == (src / "config.json").read_bytes()
+
+
+def deployments(env: dict) -> set[str]:
+    """`flow/deployment` of every deployment on the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            flows = {f.id: f.name for f in client.read_flows()}
+            return {f"{flows[d.flow_id]}/{d.name}" for d in client.read_deployments()}
+
+
+def flip_byte(folder: Path, tensor: str) -> None:
+    """Flip one bit in the middle of `tensor`'s bytes in its shard."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / index["weight_map"][tensor]
+    header = read_file_header(shard)
+    info = header.tensors[tensor]
+    at = header.data_start + info.start + info.nbytes // 2
+    data = bytearray(shard.read_bytes())
+    data[at] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_worker_runs_the_verify_deployment(tmp_path, deployed):
+    """verify-checkpoint/verify on a worker: a good output completes, a damaged one fails
+    naming the damaged tensor."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    src = build_checkpoint(tmp_path / "src", "llama", shards=2)
+    good = tmp_path / "good"
+    quantize_folder(src, good, resolve_config("FP8_BLOCK", ignore=IGNORE))
+    bad = Path(shutil.copytree(good, tmp_path / "bad"))
+    damaged = "model.layers.0.mlp.down_proj.weight"
+    flip_byte(bad, damaged)
+    run = "prefect deployment run verify-checkpoint/verify -p source={} -p quantized={} --watch"
+    worker = start("prefect worker start --pool ptqflow", deployed)
+    try:
+        assert "Completed" in sh(run.format(src, good), deployed)
+        failed = attempt(run.format(src, bad), deployed)
+    finally:
+        stop(worker)
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "'Failed'" in output, output[-3000:]
+    with temporary_settings({PREFECT_API_URL: deployed["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id(output)).state
+    assert state.is_failed() and damaged in state.message, state
+    assert (good / ".ptqflow/verify/report.md").read_text().startswith("# ptqflow verify: PASSED")
+    assert damaged in (bad / ".ptqflow/verify/report.md").read_text()
+
+
+def test_a_server_writing_much_to_stderr_does_not_block(tmp_path):
+    """flows.server's background process: stderr is never a pipe nobody reads (64 KiB would
+    block the writer), and its end is in the error when the process dies before it is ready."""
+    from flows.server import background
+
+    ready = tmp_path / "ready"
+    chatty = (
+        "import pathlib, sys, time; sys.stderr.write('x' * 2**20); sys.stderr.flush(); "
+        "pathlib.Path(sys.argv[1]).touch(); time.sleep(60)"
+    )
+    with background(
+        [sys.executable, "-c", chatty, str(ready)], ready.exists, timeout=30, what="stand-in"
+    ) as proc:
+        assert proc.poll() is None
+    assert proc.poll() is not None  # stopped with the block
+
+    dying = "import sys; sys.stderr.write('x' * 2**20 + '\\nthe last words'); sys.exit(3)"
+    with pytest.raises(RuntimeError, match="stand-in exited with 3") as error:
+        with background([sys.executable, "-c", dying], lambda: False, timeout=30, what="stand-in"):
+            pass
+    assert str(error.value).endswith("\nthe last words") and len(str(error.value)) < 2100

@@ -22,9 +22,10 @@ import torch
 
 from flows.cli import main
 from storage.dest import MARKER, Dest
-from tasks.errors import PtqflowError
-from tasks.planner import plan_checkpoint
-from tasks.schemes import resolve_config
+from storage.errors import PtqflowError
+from tasks.core.planner import plan_checkpoint
+from tasks.core.records import Summary
+from tasks.core.schemes import resolve_config
 from tests.checkpoints import write_checkpoint
 
 
@@ -126,8 +127,7 @@ def flow_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
     def run_quantize(max_workers: int = 1, **params):
         calls.append(params)
-        return {"destination": params["destination"], "shards": [], "total_size": 0,
-                "quantized": 0, "cached": 0, "seconds": 0.0}  # fmt: skip
+        return Summary(params["destination"], [], 0, 0.0)
 
     fake = types.ModuleType("flows.quantize")
     fake.run_quantize = run_quantize
@@ -230,7 +230,7 @@ def test_fp8_block_pads_partial_blocks(capsys, tmp_path, flow_calls):
     """576 output rows (4.5 blocks of 128) and 200 input columns are fine for FP8_BLOCK."""
     from storage.safetensors import read_file_header
     from storage.source import Folder
-    from tasks.quantize import write_shard
+    from tasks.core.shard import write_shard
 
     src = tiny_llama(tmp_path / "src", inter=(576, 200))
     config = resolve_config("FP8_BLOCK")
@@ -507,6 +507,7 @@ def test_source_quantized_by_an_unsupported_method(capsys, tmp_path, flow_calls,
 # --- the real console: no traceback --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_subprocess_user_error_has_no_traceback(tmp_path, cols200):
     dest = tmp_path / "dest"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -135,6 +135,7 @@ def test_download_resumes_after_truncated_body(fake_hub):
     assert fake_hub.request_headers[second]["range"] == f"bytes={constants.DOWNLOAD_CHUNK_SIZE}-"
 
 
+@pytest.mark.slow
 def test_server_errors_and_dropped_connections_are_retried(fake_hub):
     fake_hub.add_repo(REPO, {"config.json": CONFIG})
     fake_hub.fail_next("/tree/", kind=500)

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tasks.schemes import resolve_config
+from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint, load_tensors
-from tests.test_reference import IGNORE, assert_same_bytes, quantize_folder
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def files(folder: Path) -> dict[str, bytes]:
-    """Every visible file below `folder` with its bytes."""
-    return {
-        str(p.relative_to(folder)): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    }
+from tests.helpers import IGNORE, ROOT, assert_same_bytes, files, quantize_folder, run_cli
 
 
 def test_model_free_ptq_runs_the_flow(tmp_path, prefect_server):
@@ -42,7 +29,7 @@ def test_model_free_ptq_runs_the_flow(tmp_path, prefect_server):
         max_workers=2,
         device="cpu",
     )
-    assert len(result["shards"]) == 3
+    assert len(result.shards) == 3
     quantize_folder(src, tmp_path / "plain", resolve_config("NVFP4A16", ignore=IGNORE))
     got = files(tmp_path / "out")
     assert got == files(tmp_path / "plain")
@@ -54,18 +41,27 @@ def test_model_free_ptq_runs_the_flow(tmp_path, prefect_server):
     assert {k: v for k, v in config.items() if k != "quantization_config"} == source_config
     qc = config["quantization_config"]
     assert (qc["quant_method"], qc["format"], qc["quantization_status"]) == (
-        "compressed-tensors", "nvfp4-pack-quantized", "compressed")  # fmt: skip
+        "compressed-tensors",
+        "nvfp4-pack-quantized",
+        "compressed",
+    )
     assert qc["ignore"] == IGNORE and list(qc["config_groups"]) == ["NVFP4A16"]
     assert not list((tmp_path / "out").glob(".*.partial"))
 
 
+@pytest.mark.slow
 def test_include_other_weights_and_tied_embeddings(tmp_path, prefect_server):
     from flows.quantize import run_quantize
 
     src = build_checkpoint(tmp_path / "src", "tied", shards=2)
     (src / "pytorch_model.bin").write_bytes(b"old weights")
-    run_quantize(source=str(src), destination=str(tmp_path / "out"), scheme="W4A16",
-                 include_other_weights=True, device="cpu")  # fmt: skip
+    run_quantize(
+        source=str(src),
+        destination=str(tmp_path / "out"),
+        scheme="W4A16",
+        include_other_weights=True,
+        device="cpu",
+    )
     assert (tmp_path / "out" / "pytorch_model.bin").read_bytes() == b"old weights"
     out, source = load_tensors(tmp_path / "out"), load_tensors(src)
     # the tied embedding is kept bit for bit, and recorded as ignored
@@ -75,9 +71,10 @@ def test_include_other_weights_and_tied_embeddings(tmp_path, prefect_server):
     assert "model.embed_tokens" in qc["ignore"]
 
 
+@pytest.mark.slow
 def test_reindex_fused_weights(tmp_path, prefect_server):
-    from flows.reindex import run_reindex
-    from tasks.select import fused_sets
+    from flows.reindex import reindex_fused_weights
+    from tasks.core.select import fused_sets
 
     src = build_checkpoint(tmp_path / "src", "deepseek_v3", shards=3)
     source_index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
@@ -85,7 +82,7 @@ def test_reindex_fused_weights(tmp_path, prefect_server):
     sets = fused_sets(modules)
     assert any(len({source_index[f"{m}.weight"] for m in s}) > 1 for s in sets)
 
-    run_reindex(str(src), str(tmp_path / "re"), num_workers=2)
+    reindex_fused_weights(str(src), str(tmp_path / "re"), num_workers=2)
     index = json.loads((tmp_path / "re/model.safetensors.index.json").read_text())
     for s in sets:
         assert len({index["weight_map"][f"{m}.weight"] for m in s}) == 1, s
@@ -106,26 +103,33 @@ def test_reindex_fused_weights(tmp_path, prefect_server):
     assert_same_bytes(load_tensors(tmp_path / "b"), load_tensors(tmp_path / "a"))
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-
-
+@pytest.mark.slow
 def test_cli_quantize_end_to_end(tmp_path):
     src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=2)
     proc = run_cli(
-        "quantize", str(src), str(tmp_path / "out"), "--scheme", "FP8_BLOCK",
-        "--ignore", "lm_head", "--ignore", "re:.*mlp.gate$", "--ignore", "model.embed_tokens",
-        "--max-workers", "2", "--device", "cpu", cwd=tmp_path,
-    )  # fmt: skip
+        "quantize",
+        str(src),
+        str(tmp_path / "out"),
+        "--scheme",
+        "FP8_BLOCK",
+        "--ignore",
+        "lm_head",
+        "--ignore",
+        "re:.*mlp.gate$",
+        "--ignore",
+        "model.embed_tokens",
+        "--max-workers",
+        "2",
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     quantize_folder(src, tmp_path / "plain", resolve_config("FP8_BLOCK", ignore=IGNORE))
     assert files(tmp_path / "out") == files(tmp_path / "plain")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["FP8_BLOCK", "NVFP4A16"])
 def test_memory_does_not_grow_with_shard_size(tmp_path, scheme):
     """Peak RSS while writing one shard is bounded by a tensor, not by the shard."""
@@ -135,9 +139,9 @@ def test_memory_does_not_grow_with_shard_size(tmp_path, scheme):
 import sys
 from storage.dest import Dest
 from storage.source import Folder
-from tasks.quantize import write_shard
-from tasks.planner import plan_checkpoint
-from tasks.schemes import resolve_config
+from tasks.core.shard import write_shard
+from tasks.core.planner import plan_checkpoint
+from tasks.core.schemes import resolve_config
 
 def status(key):
     line = next(x for x in open("/proc/self/status") if x.startswith(key))
@@ -158,8 +162,12 @@ print(status("VmHWM:") - rss)
     def peak(src) -> int:
         out = subprocess.run(
             [sys.executable, "-c", script, str(src), scheme],
-            cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
-        ).stdout.split()  # fmt: skip
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        ).stdout.split()
         return int(out[0])
 
     growth = []

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.schemes import resolve_config
+from tasks.core.schemes import resolve_config
 from tests import fakehub
 from tests.checkpoints import build_checkpoint
-from tests.test_flow import files
-from tests.test_reference import IGNORE, quantize_folder
+from tests.helpers import IGNORE, files, quantize_folder
+
+pytestmark = pytest.mark.slow  # Prefect servers, workers, subprocesses
 
 fake_hub = fakehub.fake_hub
 
@@ -28,8 +29,9 @@ def folder_bytes(path: Path) -> dict[str, bytes]:
 def run(source, dest, scheme="NVFP4A16", **kw):
     from flows.quantize import run_quantize
 
-    return run_quantize(source=source, destination=dest, scheme=scheme, ignore=IGNORE,
-                        device="cpu", **kw)  # fmt: skip
+    return run_quantize(
+        source=source, destination=dest, scheme=scheme, ignore=IGNORE, device="cpu", **kw
+    )
 
 
 @pytest.fixture
@@ -46,11 +48,11 @@ def test_hub_source_downloads_per_shard_and_resumes_from_cache(
     quantize_folder(src, tmp_path / "want", resolve_config("NVFP4A16", ignore=IGNORE))
     fake_hub.fail_next(".safetensors", times=1, kind="drop", method="GET")  # retried
     first = run("org/tiny-ds", str(tmp_path / "out"), max_workers=2, delete_source=True)
-    assert first["quantized"] == 3
+    assert first.quantized == 3
     assert files(tmp_path / "out") == files(tmp_path / "want")
     fake_hub.clear_log()
     again = run("org/tiny-ds", str(tmp_path / "out"))
-    assert (again["quantized"], again["cached"]) == (0, 3)
+    assert (again.quantized, again.cached) == (0, 3)
     # only the headers were read again (planning), not a byte of tensor data
     for (method, path), headers in zip(fake_hub.requests, fake_hub.request_headers, strict=True):
         if method == "GET" and path.endswith(".safetensors"):
@@ -75,10 +77,9 @@ def test_hf_destination(tmp_path, prefect_server, fake_hub):
 
     src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=2)
     result = run(str(src), "hf://me/tiny-moe-fp8", "FP8_BLOCK", private=True)
-    assert result["quantized"] == 2
+    assert result.quantized == 2
     quantize_folder(src, tmp_path / "want", resolve_config("FP8_BLOCK", ignore=IGNORE))
-    got = {k: v for k, v in fake_hub.files("me/tiny-moe-fp8").items()
-           if not k.startswith(".")}  # fmt: skip
+    got = {k: v for k, v in fake_hub.files("me/tiny-moe-fp8").items() if not k.startswith(".")}
     assert got == files(tmp_path / "want")
     assert HfApi().model_info("me/tiny-moe-fp8").private
     # config.json arrives in the last commit: the repo never looked complete before
@@ -87,4 +88,4 @@ def test_hf_destination(tmp_path, prefect_server, fake_hub):
     before_last = api.list_repo_files("me/tiny-moe-fp8", revision=commits[1].commit_id)
     assert "config.json" not in before_last
     again = run(str(src), "hf://me/tiny-moe-fp8", "FP8_BLOCK")
-    assert (again["quantized"], again["cached"]) == (0, 2)
+    assert (again.quantized, again.cached) == (0, 2)

@@ -7,10 +7,12 @@ from collections import defaultdict
 import pytest
 import torch
 
-from tasks.schemes import resolve_config
+from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint, load_tensors
+from tests.helpers import FUSED, IGNORE, default_groups, quantize_folder, scheme_of
 from tests.reference import reference_fake_quant
-from tests.test_reference import FUSED, IGNORE, default_groups, quantize_folder, scheme_of
+
+pytestmark = pytest.mark.slow  # Prefect servers, workers, subprocesses
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -47,8 +49,10 @@ def fuse_experts(weights: dict, state: dict) -> dict:
         prefix, _, param = key.rpartition(".experts.")
         if param == "gate_up_proj":
             n = state[key].shape[0]
-            pair = [[weights[f"{prefix}.experts.{e}.{p}.weight"] for p in ("gate_proj", "up_proj")]
-                    for e in range(n)]  # fmt: skip
+            pair = [
+                [weights[f"{prefix}.experts.{e}.{p}.weight"] for p in ("gate_proj", "up_proj")]
+                for e in range(n)
+            ]
             out[key] = torch.stack([torch.cat(p) for p in pair])
         elif param == "down_proj":
             n = state[key].shape[0]

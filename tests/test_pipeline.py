@@ -15,71 +15,48 @@ import fsspec
 import psutil
 import pytest
 
-from storage.results import stored_manifest
-from tasks.schemes import resolve_config
+from flows.results import stored_manifest
+from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint
-from tests.test_flow import ROOT, files
-from tests.test_reference import IGNORE, quantize_folder
+from tests.helpers import IGNORE, ROOT, files, quantize_folder, remote_files, run, upload_folder
 
-
-def upload_folder(local: Path, url: str) -> None:
-    fs, root = fsspec.core.url_to_fs(url)
-    for p in sorted(local.rglob("*")):
-        if p.is_file():
-            fs.pipe_file(f"{root}/{p.relative_to(local)}", p.read_bytes())
-
-
-def remote_files(url: str) -> dict[str, bytes]:
-    fs, root = fsspec.core.url_to_fs(url)
-    return {
-        p[len(root) + 1 :]: fs.cat_file(p)
-        for p in sorted(fs.find(root))
-        if not any(part.startswith(".") for part in p[len(root) + 1 :].split("/"))
-    }
-
-
-def run(source: str, dest: str, scheme: str = "NVFP4A16", ignore=IGNORE, **kw) -> dict:
-    from flows.quantize import run_quantize
-
-    return run_quantize(source=source, destination=dest, scheme=scheme, ignore=ignore,
-                        device="cpu", **kw)  # fmt: skip
+pytestmark = pytest.mark.slow  # Prefect servers, workers, subprocesses
 
 
 def test_memory_source_and_destination_resume_from_cache(tmp_path, prefect_server):
     src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=3)
     quantize_folder(src, tmp_path / "want", resolve_config("NVFP4A16", ignore=IGNORE))
     upload_folder(src, "memory://ckpt/src")
-    first = run("memory://ckpt/src", "memory://ckpt/out", max_workers=2,
-                cache_dir=str(tmp_path / "dl"))  # fmt: skip
-    assert (first["quantized"], first["cached"]) == (3, 0)
+    first = run(
+        "memory://ckpt/src", "memory://ckpt/out", max_workers=2, cache_dir=str(tmp_path / "dl")
+    )
+    assert (first.quantized, first.cached) == (3, 0)
     assert remote_files("memory://ckpt/out") == files(tmp_path / "want")
     again = run("memory://ckpt/src", "memory://ckpt/out", cache_dir=str(tmp_path / "dl"))
-    assert (again["quantized"], again["cached"]) == (0, 3)
+    assert (again.quantized, again.cached) == (0, 3)
     assert remote_files("memory://ckpt/out") == files(tmp_path / "want")
 
 
 def test_changed_scheme_ignore_or_source_invalidates_what_it_must(tmp_path, prefect_server):
     src = build_checkpoint(tmp_path / "src", "llama", shards=3)
     out = str(tmp_path / "out")
-    assert run(str(src), out, "FP8_BLOCK")["quantized"] == 3
+    assert run(str(src), out, "FP8_BLOCK").quantized == 3
     # another scheme: nothing stale is reused
     result = run(str(src), out, "W4A16")
-    assert (result["quantized"], result["cached"]) == (3, 0)
+    assert (result.quantized, result.cached) == (3, 0)
     quantize_folder(src, tmp_path / "w4", resolve_config("W4A16", ignore=IGNORE))
     assert files(Path(out)) == files(tmp_path / "w4")
     # one more ignored module: only the shard holding it is redone
     index = json.loads((tmp_path / "w4/model.safetensors.index.json").read_text())["weight_map"]
     holder = index["model.layers.1.mlp.down_proj.weight_packed"]
     result = run(str(src), out, "W4A16", ignore=[*IGNORE, "model.layers.1.mlp.down_proj"])
-    assert [m["name"] for m in result["shards"] if not m["cached"]] == [holder]
+    assert [m.name for m in result.shards if not m.cached] == [holder]
     # back to the first ignore list, and a source shard that changed (new mtime):
     # its fingerprint changes, so the shards reading it are redone too
     changed = "model-00002-of-00003.safetensors"
     os.utime(src / changed, ns=(time.time_ns(), time.time_ns() + 10**9))
     result = run(str(src), out, "W4A16")
-    assert sorted(m["name"] for m in result["shards"] if not m["cached"]) == sorted(
-        {holder, changed}
-    )
+    assert sorted(m.name for m in result.shards if not m.cached) == sorted({holder, changed})
     assert files(Path(out)) == files(tmp_path / "w4")
 
 
@@ -92,7 +69,7 @@ def test_cached_result_redone_when_output_changed(tmp_path, prefect_server):
     data[-1] ^= 0xFF  # same size, other bytes, new mtime
     victim.write_bytes(bytes(data))
     result = run(str(src), str(out), "FP8_DYNAMIC")
-    assert (result["quantized"], result["cached"]) == (1, 1)
+    assert (result.quantized, result.cached) == (1, 1)
     quantize_folder(src, tmp_path / "want", resolve_config("FP8_DYNAMIC", ignore=IGNORE))
     assert files(out) == files(tmp_path / "want")
 
@@ -120,14 +97,20 @@ def s3(tmp_path, monkeypatch):
 def test_s3_source_and_destination(tmp_path, prefect_server, s3):
     src = build_checkpoint(tmp_path / "src", "deepseek_v3", shards=3)
     upload_folder(src, "s3://models/ds")
-    result = run("s3://models/ds", "s3://models/ds-w4a16", "W4A16", max_workers=2,
-                 cache_dir=str(tmp_path / "dl"), delete_source=True)  # fmt: skip
-    assert result["quantized"] == 3
+    result = run(
+        "s3://models/ds",
+        "s3://models/ds-w4a16",
+        "W4A16",
+        max_workers=2,
+        cache_dir=str(tmp_path / "dl"),
+        delete_source=True,
+    )
+    assert result.quantized == 3
     quantize_folder(src, tmp_path / "want", resolve_config("W4A16", ignore=IGNORE))
     assert remote_files("s3://models/ds-w4a16") == files(tmp_path / "want")
     assert not [p for p in (tmp_path / "dl").rglob("*.safetensors")]  # --delete-source
     again = run("s3://models/ds", "s3://models/ds-w4a16", "W4A16", cache_dir=str(tmp_path / "dl"))
-    assert (again["quantized"], again["cached"]) == (0, 3)
+    assert (again.quantized, again.cached) == (0, 3)
 
 
 def sha(path: Path) -> str:
@@ -155,10 +138,23 @@ def test_kill_9_then_rerun_resumes_byte_identical(tmp_path):
     home = str(tmp_path / "prefect-home")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=home, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "flows.cli", "quantize", str(src), str(out), "--scheme",
-           "NVFP4A16", "--ignore", "lm_head", "--device", "cpu"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "quantize",
+        str(src),
+        str(out),
+        "--scheme",
+        "NVFP4A16",
+        "--ignore",
+        "lm_head",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while len(list(out.glob("model-*.safetensors"))) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, "run ended before the kill"
@@ -169,7 +165,7 @@ def test_kill_9_then_rerun_resumes_byte_identical(tmp_path):
     # finished = its result was recorded; a shard file the kill caught before that is in flight
     store = out / ".ptqflow" / "results"
     records = [stored_manifest(store, p.name) for p in store.iterdir()] if store.exists() else []
-    finished = {m["name"]: (out / m["name"]).stat().st_mtime_ns for m in records}
+    finished = {m.name: (out / m.name).stat().st_mtime_ns for m in records}
     finished = {n: (mtime, sha(out / n)) for n, mtime in finished.items()}
     assert 1 <= len(finished) < n_shards
     assert (
@@ -197,7 +193,7 @@ def test_artifacts_and_remote_result_storage(tmp_path, prefect_server):
     first = run(str(src), str(tmp_path / "out"), "FP8_BLOCK", **kw)
     assert fsspec.filesystem("memory").ls("/ptqflow-results/run1")  # records went there
     again = run(str(src), str(tmp_path / "out"), "FP8_BLOCK", **kw)
-    assert (first["cached"], again["cached"]) == (0, 2)
+    assert (first.cached, again.cached) == (0, 2)
     with get_client(sync_client=True) as client:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -221,8 +217,9 @@ def small_disk(tmp_path):
     """A 2 MB tmpfs (needs root, as on CI); skipped where mounting is not allowed."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)],
-                      capture_output=True).returncode:  # fmt: skip
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -233,8 +230,20 @@ def test_disk_full_stops_with_a_clear_error_and_the_rerun_resumes(tmp_path, smal
     out = small_disk / "out"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "ph"))
-    cmd = [sys.executable, "-m", "flows.cli", "quantize", str(src), str(out), "--scheme",
-           "FP8_DYNAMIC", "--ignore", "lm_head", "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "quantize",
+        str(src),
+        str(out),
+        "--scheme",
+        "FP8_DYNAMIC",
+        "--ignore",
+        "lm_head",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-2000:]
     message = proc.stderr.split("ptqflow: error: ")[-1]
@@ -258,18 +267,36 @@ def test_prefect_flow_run_retry_reuses_finished_shards(tmp_path, prefect_server,
 
     src = build_checkpoint(tmp_path / "src", "deepseek_v3", shards=4)
     out = small_disk / "out"
-    state = run_quantize(source=str(src), destination=str(out), scheme="FP8_DYNAMIC",
-                         ignore=["lm_head"], device="cpu", return_state=True)  # fmt: skip
+    state = run_quantize(
+        source=str(src),
+        destination=str(out),
+        scheme="FP8_DYNAMIC",
+        ignore=["lm_head"],
+        device="cpu",
+        return_state=True,
+    )
     assert state.is_failed()
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("model-*.safetensors")}
     assert kept, "no shard finished before the disk filled up"
     subprocess.run(["mount", "-o", "remount,size=64M", str(small_disk)], check=True)
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(ROOT))
     retry = subprocess.run(
-        [sys.executable, "-m", "prefect", "flow-run", "retry", str(state.state_details.flow_run_id),
-         "--entrypoint", "flows/quantize.py:quantize_checkpoint"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "flow-run",
+            "retry",
+            str(state.state_details.flow_run_id),
+            "--entrypoint",
+            "flows/quantize.py:quantize_checkpoint",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert retry.returncode == 0, retry.stdout[-2000:] + retry.stderr[-2000:]
     assert "Cached" in retry.stdout + retry.stderr
     for name, mtime in kept.items():

@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from flows.cli import main
 from storage.dest import Dest
 from storage.source import Folder
-from tasks.finalize import finalize
-from tasks.planner import plan_checkpoint
-from tasks.quantize import write_shard
-from tasks.schemes import resolve_config
+from tasks.core.finalize import finalize
+from tasks.core.planner import plan_checkpoint
+from tasks.core.schemes import resolve_config
+from tasks.core.shard import write_shard
 from tests.checkpoints import build_checkpoint, load_tensors, write_checkpoint
 
 INDEX = "model.safetensors.index.json"
@@ -159,7 +159,7 @@ def test_predicted_size_is_what_gets_written(capsys, tmp_path, ckpts, arch, sche
         path = dest / shard.name
         header_len, data = _data_bytes(path)
         assert data == shard.nbytes, shard.name
-        assert path.stat().st_size == 8 + header_len + shard.nbytes == manifest["size"]
+        assert path.stat().st_size == 8 + header_len + shard.nbytes == manifest.size
         assert len(load_file(str(path))) == len(shard.specs)
         total += data
     assert total == plan.total_size == index["metadata"]["total_size"]

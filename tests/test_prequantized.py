@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.errors import PtqflowError
-from tasks.planner import plan_checkpoint
-from tasks.schemes import resolve_config
+from storage.errors import PtqflowError
+from tasks.core.planner import plan_checkpoint
+from tasks.core.schemes import resolve_config
 from tests import prequantized as pq
 from tests.checkpoints import load_tensors, write_checkpoint
-from tests.test_flow import ROOT, files
-from tests.test_reference import IGNORE, assert_same_bytes, quantize_folder
+from tests.helpers import IGNORE, ROOT, assert_same_bytes, files, quantize_folder
 
 DEQUANTIZE = {"config_groups": {}}
 SOURCES = {
@@ -53,7 +52,8 @@ def test_dequantize_equals_the_converters_output(tmp_path, kind):
     src = SOURCES[kind](tmp_path / "src")
     if kind == "modelopt-nvfp4":  # older ModelOpt exports describe themselves in this file
         (src / "hf_quant_config.json").write_text('{"producer": {"name": "modelopt"}}')
-    plan = quantize_folder(src, tmp_path / "out", resolve_config(config=DEQUANTIZE))
+    quantize_folder(src, tmp_path / "out", resolve_config(config=DEQUANTIZE))
+    plan, _ = plan_checkpoint(str(src), resolve_config(config=DEQUANTIZE))
     assert_same_bytes(load_tensors(tmp_path / "out"), pq.converter_dequantize(src, tmp_path / "c"))
     config = source_config(tmp_path / "out")
     want = source_config(src)
@@ -64,6 +64,7 @@ def test_dequantize_equals_the_converters_output(tmp_path, kind):
     assert plan.source_format.name == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["FP8_BLOCK", "NVFP4A16"])
 @pytest.mark.parametrize("kind", SOURCES)
 def test_requantize_equals_dequantize_then_quantize(tmp_path, kind, scheme):
@@ -79,15 +80,30 @@ def test_requantize_equals_dequantize_then_quantize(tmp_path, kind, scheme):
     assert list(got["quantization_config"]["config_groups"]) == [scheme]
 
 
+@pytest.mark.slow
 def test_plan_shows_the_detected_format_and_override(tmp_path):
     src = pq.fp8_block(tmp_path / "src")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def plan(*args):
         return subprocess.run(
-            [sys.executable, "-m", "flows.cli", "plan", str(src), "--scheme", "NVFP4A16",
-             "--ignore", "lm_head", *args], env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "plan",
+                str(src),
+                "--scheme",
+                "NVFP4A16",
+                "--ignore",
+                "lm_head",
+                *args,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     shown = plan()
     assert shown.returncode == 0, shown.stderr
@@ -108,7 +124,8 @@ def test_override_when_config_does_not_say(tmp_path):
     (src / "config.json").write_text(json.dumps(bare))
     with pytest.raises(PtqflowError, match=r"weight_scale_inv.*--source-format"):
         plan_checkpoint(str(src), config)
-    plan = quantize_folder(src, tmp_path / "out", config, source_format="fp8-block")
+    quantize_folder(src, tmp_path / "out", config, source_format="fp8-block")
+    plan, _ = plan_checkpoint(str(src), config, source_format="fp8-block")
     assert plan.source_format.name == "fp8-block"
     assert_same_bytes(load_tensors(tmp_path / "out"), load_tensors(tmp_path / "want"))
 
@@ -129,12 +146,16 @@ def test_keep_source_quantization_for_ignored_fp8_block(tmp_path):
     config = resolve_config("NVFP4A16", ignore=ignore)
     quantize_folder(src, tmp_path / "out", config, keep_source_quantization=True)
     got, source = load_tensors(tmp_path / "out"), load_tensors(src)
-    attention = sorted(n.removesuffix(".weight_scale_inv") for n in source
-                       if ".self_attn." in n and n.endswith("weight_scale_inv"))  # fmt: skip
+    attention = sorted(
+        n.removesuffix(".weight_scale_inv")
+        for n in source
+        if ".self_attn." in n and n.endswith("weight_scale_inv")
+    )
     assert attention
     for m in attention:  # the source's FP8 blocks, as compressed-tensors names them
-        assert torch.equal(got[f"{m}.weight"].view(torch.uint8),
-                           source[f"{m}.weight"].view(torch.uint8))  # fmt: skip
+        assert torch.equal(
+            got[f"{m}.weight"].view(torch.uint8), source[f"{m}.weight"].view(torch.uint8)
+        )
         assert torch.equal(got[f"{m}.weight_scale"], source[f"{m}.weight_scale_inv"])
     # the rest is what quantizing the converters' BF16 copy gives
     quantize_folder(
@@ -150,7 +171,9 @@ def test_keep_source_quantization_for_ignored_fp8_block(tmp_path):
     kept = qc["config_groups"]["source_group_0"]
     assert kept["targets"] == attention and kept["format"] == "float-quantized"
     assert kept["weights"]["strategy"] == "block" and kept["weights"]["block_structure"] == [
-        128, 128]  # fmt: skip
+        128,
+        128,
+    ]
     assert qc["config_groups"]["NVFP4A16"]["targets"] == ["Linear"]
     assert not set(qc["ignore"]) & set(attention) and "lm_head" in qc["ignore"]
     assert all(not p.startswith("re:") for p in qc["ignore"])
@@ -172,8 +195,9 @@ def test_keep_source_quantization_for_ignored_compressed_tensors(tmp_path):
     assert qc["config_groups"]["source_W4A16"]["format"] == "pack-quantized"
 
 
+@pytest.mark.slow
 def test_pipeline_from_a_remote_fp8_source_caches_and_resumes(tmp_path, prefect_server):
-    from tests.test_pipeline import run, upload_folder
+    from tests.helpers import run, upload_folder
 
     src = pq.fp8_block(tmp_path / "src")
     config = resolve_config("NVFP4A16", ignore=IGNORE)
@@ -181,25 +205,37 @@ def test_pipeline_from_a_remote_fp8_source_caches_and_resumes(tmp_path, prefect_
     upload_folder(src, "memory://prequantized/src")
     out, dl = tmp_path / "out", str(tmp_path / "dl")
     first = run("memory://prequantized/src", str(out), max_workers=2, cache_dir=dl)
-    assert (first["quantized"], first["cached"]) == (3, 0)
+    assert (first.quantized, first.cached) == (3, 0)
     assert files(out) == files(tmp_path / "want")
     again = run("memory://prequantized/src", str(out), cache_dir=dl)
-    assert (again["quantized"], again["cached"]) == (0, 3)
+    assert (again.quantized, again.cached) == (0, 3)
     # attention kept in the source's FP8: redone are the shards holding attention weights
     ignore = [*IGNORE, "re:.*layers.1.self_attn.*"]
     keep = resolve_config("NVFP4A16", ignore=ignore)
-    plan = quantize_folder(src, tmp_path / "keep", keep, keep_source_quantization=True)
-    kept = run("memory://prequantized/src", str(out), ignore=ignore, cache_dir=dl,
-               keep_source_quantization_for_ignored=True)  # fmt: skip
-    holders = {s.name for s in plan.shards for u in s.units for w in u.weights
-               if "layers.1.self_attn" in w.name}  # fmt: skip
+    quantize_folder(src, tmp_path / "keep", keep, keep_source_quantization=True)
+    plan, _ = plan_checkpoint(str(src), keep, keep_source_quantization=True)
+    kept = run(
+        "memory://prequantized/src",
+        str(out),
+        ignore=ignore,
+        cache_dir=dl,
+        keep_source_quantization_for_ignored=True,
+    )
+    holders = {
+        s.name
+        for s in plan.shards
+        for u in s.units
+        for w in u.weights
+        if "layers.1.self_attn" in w.name
+    }
     assert 0 < len(holders) < 3
-    assert {m["name"] for m in kept["shards"] if not m["cached"]} == holders
+    assert {m.name for m in kept.shards if not m.cached} == holders
     assert files(out) == files(tmp_path / "keep")
 
 
+@pytest.mark.slow
 def test_cli_dequantize(tmp_path, prefect_server):
-    from tests.test_flow import run_cli
+    from tests.helpers import run_cli
 
     src = pq.modelopt_nvfp4(tmp_path / "src")
     proc = run_cli("dequantize", str(src), str(tmp_path / "out"), "--device", "cpu", cwd=tmp_path)
@@ -211,7 +247,7 @@ def test_cli_dequantize(tmp_path, prefect_server):
 
 @pytest.mark.parametrize("kind", ["fp8-block", "awq"])
 def test_verify_against_a_prequantized_source(tmp_path, kind):
-    from tasks.verify import verify
+    from tasks.core.verify import verify
 
     src = SOURCES[kind](tmp_path / "src")
     out = tmp_path / "out"
@@ -236,6 +272,7 @@ def test_verify_against_a_prequantized_source(tmp_path, kind):
     assert not bad.ok and any(name in f for f in bad.failures())
 
 
+@pytest.mark.slow
 def test_model_free_ptq_with_a_converter(tmp_path, prefect_server):
     from compressed_tensors.entrypoints.convert.converters import (
         FP8BlockDequantizer,
@@ -246,12 +283,22 @@ def test_model_free_ptq_with_a_converter(tmp_path, prefect_server):
 
     src = pq.fp8_block(tmp_path / "src")
     quantize_folder(src, tmp_path / "want", resolve_config("FP8_BLOCK", ignore=IGNORE))
-    model_free_ptq(src, tmp_path / "out", scheme="FP8_BLOCK", ignore=IGNORE, device="cpu",
-                   converter=FP8BlockDequantizer.from_pretrained(str(src)))  # fmt: skip
+    model_free_ptq(
+        src,
+        tmp_path / "out",
+        scheme="FP8_BLOCK",
+        ignore=IGNORE,
+        device="cpu",
+        converter=FP8BlockDequantizer.from_pretrained(str(src)),
+    )
     assert files(tmp_path / "out") == files(tmp_path / "want")
     with pytest.raises(PtqflowError, match="MagnitudeExpertPruner is not supported"):
-        model_free_ptq(src, tmp_path / "other", scheme="FP8_BLOCK",
-                       converter=MagnitudeExpertPruner.__new__(MagnitudeExpertPruner))  # fmt: skip
+        model_free_ptq(
+            src,
+            tmp_path / "other",
+            scheme="FP8_BLOCK",
+            converter=MagnitudeExpertPruner.__new__(MagnitudeExpertPruner),
+        )
 
 
 def test_dequantize_refuses_a_plain_source(tmp_path):
@@ -264,10 +311,15 @@ def test_dequantize_refuses_a_plain_source(tmp_path):
 
 # source, target scheme, layers ignored (kept), tensor marking a quantized module, kept format
 KEEP_CONVERTED = {
-    "modelopt-nvfp4": (pq.modelopt_nvfp4, "FP8_BLOCK", "re:.*self_attn.*", "weight_scale_2",
-                       "nvfp4-pack-quantized"),
+    "modelopt-nvfp4": (
+        pq.modelopt_nvfp4,
+        "FP8_BLOCK",
+        "re:.*self_attn.*",
+        "weight_scale_2",
+        "nvfp4-pack-quantized",
+    ),
     "awq": (pq.awq, "W8A16", "re:.*mlp.down_proj$", "qweight", "pack-quantized"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("kind", KEEP_CONVERTED)
@@ -280,8 +332,12 @@ def test_keep_source_quantization_for_ignored_through_a_converter(tmp_path, kind
 
     make, scheme, pattern, marker, fmt = KEEP_CONVERTED[kind]
     src = make(tmp_path / "src")
-    quantize_folder(src, tmp_path / "out", resolve_config(scheme, ignore=[*IGNORE, pattern]),
-                    keep_source_quantization=True)  # fmt: skip
+    quantize_folder(
+        src,
+        tmp_path / "out",
+        resolve_config(scheme, ignore=[*IGNORE, pattern]),
+        keep_source_quantization=True,
+    )
     got, source = load_tensors(tmp_path / "out"), load_tensors(src)
     quantized = {n.removesuffix(f".{marker}") for n in source if n.endswith(f".{marker}")}
     modules = sorted(m for m in quantized if re.match(pattern[3:], m))
@@ -291,8 +347,11 @@ def test_keep_source_quantization_for_ignored_through_a_converter(tmp_path, kind
     else:
         convert = ModelOptNvfp4Converter(targets=modules)
     for m in modules:  # KV-cache scales are not kept: that scheme is not carried over
-        own = {n: t for n, t in source.items()
-               if n.startswith(f"{m}.") and not n.endswith(("k_scale", "v_scale"))}  # fmt: skip
+        own = {
+            n: t
+            for n, t in source.items()
+            if n.startswith(f"{m}.") and not n.endswith(("k_scale", "v_scale"))
+        }
         want = convert.process(own)
         assert_same_bytes({n: got[n] for n in want}, want)
     qc = source_config(tmp_path / "out")["quantization_config"]

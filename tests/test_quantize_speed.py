@@ -8,18 +8,17 @@ import os
 import pytest
 import torch
 
+from storage.errors import PtqflowError
 from storage.source import Folder
-from tasks.compress import quantize_weights, row_chunks
-from tasks.errors import PtqflowError
-from tasks.planner import plan_checkpoint
-from tasks.quantize import write_shard
-from tasks.schemes import resolve_config
+from tasks.core.compress import quantize_weights, row_chunks
+from tasks.core.planner import plan_checkpoint
+from tasks.core.schemes import resolve_config
+from tasks.core.shard import write_shard
 from tests.checkpoints import build_checkpoint
+from tests.helpers import SCHEMES, scheme_of
 from tests.reference import reference_compress
-from tests.test_reference import scheme_of
 
-ALL = ["FP8_DYNAMIC", "FP8_BLOCK", "W8A16", "W4A16", "W4A16_ASYM", "W8A8", "NVFP4A16",
-       "MXFP4A16", "MXFP8A16", "W3A16"]  # fmt: skip
+ALL = [s for s in SCHEMES if s not in ("INT8", "W4AFP8", "MXFP4", "MXFP8")] + ["W3A16"]
 
 
 def assert_same_bytes(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -122,9 +121,9 @@ def test_stage_timings_in_manifest(tmp_path):
     plan, _ = plan_checkpoint(str(src), config)
     out = tmp_path / "out"
     m = write_shard(plan.shards[0], Folder(plan.source).open, out, config.config_groups)
-    assert set(m["stages"]) == {"read", "quantize", "write"}
-    assert all(v >= 0 for v in m["stages"].values())
-    assert sum(m["stages"].values()) <= m["seconds"] + 0.01
+    assert set(m.stages) == {"read", "quantize", "write"}
+    assert all(v >= 0 for v in m.stages.values())
+    assert sum(m.stages.values()) <= m.seconds + 0.01
 
 
 @pytest.mark.parametrize("kind, scheme", [("deepseek_v3", "NVFP4A16"), ("qwen3_moe", "W4A16")])
@@ -135,8 +134,13 @@ def test_overlapped_stages_write_the_same_shards(tmp_path, kind, scheme):
     plan, _ = plan_checkpoint(str(src), config)
     for overlap in (False, True):
         for shard in plan.shards:
-            write_shard(shard, Folder(plan.source).open, tmp_path / f"out-{overlap}",
-                        config.config_groups, overlap=overlap)  # fmt: skip
+            write_shard(
+                shard,
+                Folder(plan.source).open,
+                tmp_path / f"out-{overlap}",
+                config.config_groups,
+                overlap=overlap,
+            )
     for shard in plan.shards:
         want = (tmp_path / "out-False" / shard.name).read_bytes()
         assert (tmp_path / "out-True" / shard.name).read_bytes() == want
@@ -169,7 +173,7 @@ def test_fp8_route_on_every_quotient(dtype, scale):
     """The short FP8 route equals compressed-tensors' quantize for every finite quotient."""
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
-    from tasks.compress import _fp8_weight
+    from tasks.core.compress import _fp8_weight
 
     x = every_finite(dtype)
     args = scheme_of("FP8_DYNAMIC").weights
@@ -185,7 +189,7 @@ def test_int4_route_on_every_quotient(dtype, scale):
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
-    from tasks.compress import _int4_packed
+    from tasks.core.compress import _int4_packed
 
     x = every_finite(dtype)
     args = scheme_of("W4A16").weights
@@ -207,8 +211,29 @@ def test_nan_gives_the_same_bytes(name, bits):
 
 def fp4_quotients() -> torch.Tensor:
     """f32 values around every FP4 rounding boundary, every bf16 value in range, random ones."""
-    edges = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0,
-                          5.0, 6.0, 7.0, 1e-30, 1e-45, 3e38])  # fmt: skip
+    edges = torch.tensor(
+        [
+            0.0,
+            0.25,
+            0.5,
+            0.75,
+            1.0,
+            1.25,
+            1.5,
+            1.75,
+            2.0,
+            2.5,
+            3.0,
+            3.5,
+            4.0,
+            5.0,
+            6.0,
+            7.0,
+            1e-30,
+            1e-45,
+            3e38,
+        ]
+    )
     near = [edges, torch.nextafter(edges, torch.tensor(-1.0)), torch.nextafter(edges, edges + 1)]
     values = torch.cat(near + [every_finite(torch.bfloat16).float().reshape(-1)])
     values = torch.cat([values, -values, torch.empty(4096).uniform_(-7, 7)])
@@ -220,7 +245,7 @@ def test_fp4_route_on_quotients_around_every_boundary():
     """The short NVFP4 route equals quantize_and_pack_fp4 on boundaries, ±0 and all bf16 values."""
     from compressed_tensors.compressors.nvfp4.helpers import quantize_and_pack_fp4
 
-    from tasks.compress import _fp4_packed
+    from tasks.core.compress import _fp4_packed
 
     x = fp4_quotients()
     args = scheme_of("NVFP4A16").weights

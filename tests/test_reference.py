@@ -9,36 +9,20 @@ import pytest
 import torch
 import yaml
 
-from storage.dest import Dest
-from storage.source import Folder
-from tasks.compress import quantize_weights
-from tasks.finalize import finalize
-from tasks.planner import plan_checkpoint
-from tasks.quantize import write_shard
-from tasks.schemes import resolve_config
+from tasks.core.compress import quantize_weights
+from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint, load_tensors
+from tests.helpers import (
+    FUSED,
+    IGNORE,
+    SCHEMES,
+    assert_same_bytes,
+    default_groups,
+    quantize_folder,
+    scheme_of,
+    split_experts,
+)
 from tests.reference import reference_compress
-
-SCHEMES = [
-    "FP8_DYNAMIC", "FP8_BLOCK", "W8A16", "W4A16", "W4A16_ASYM", "W8A8", "INT8", "W4AFP8",
-    "NVFP4A16", "MXFP4A16", "MXFP4", "MXFP8A16", "MXFP8",
-]  # fmt: skip
-IGNORE = ["lm_head", "re:.*mlp.gate$", "model.embed_tokens"]
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
-         ("q_a_proj", "kv_a_proj_with_mqa"))  # fmt: skip
-
-
-def assert_same_bytes(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert sorted(got) == sorted(want)
-    for k in want:
-        a, b = got[k], want[k]
-        assert (a.dtype, tuple(a.shape)) == (b.dtype, tuple(b.shape)), k
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), k
-
-
-def scheme_of(name: str):
-    (scheme,) = resolve_config(name).config_groups.values()
-    return scheme
 
 
 @pytest.mark.parametrize("name", SCHEMES + ["W2A16", "W3A16", "W6A16"])
@@ -65,8 +49,9 @@ def test_partial_blocks_match_compressed_tensors(name, shape):
 @pytest.mark.parametrize("name", ["FP8_BLOCK", "NVFP4A16", "W4A16_ASYM"])
 def test_other_source_dtypes(name, dtype):
     w = torch.randn(256, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
-    assert_same_bytes(quantize_weights([w], scheme_of(name))[0],
-                      reference_compress([w], scheme_of(name))[0])  # fmt: skip
+    assert_same_bytes(
+        quantize_weights([w], scheme_of(name))[0], reference_compress([w], scheme_of(name))[0]
+    )
 
 
 def test_fused_set_shares_one_global_scale():
@@ -81,23 +66,6 @@ def test_fused_set_shares_one_global_scale():
 
 
 # --- whole checkpoints -------------------------------------------------------------------
-
-
-def split_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """llm-compressor's split of 3-D fused experts into per-expert 2-D weights."""
-    out = {}
-    for name, t in tensors.items():
-        if t.ndim == 3 and name.endswith("experts.gate_up_proj"):
-            for e in range(t.shape[0]):
-                gate, up = t[e].chunk(2, dim=0)
-                out[name.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate
-                out[name.replace("gate_up_proj", f"{e}.up_proj.weight")] = up
-        elif t.ndim == 3 and name.endswith("experts.down_proj"):
-            for e in range(t.shape[0]):
-                out[name.replace("down_proj", f"{e}.down_proj.weight")] = t[e]
-        else:
-            out[name] = t
-    return out
 
 
 def expected_output(source: dict[str, torch.Tensor], groups: dict[str, object], fused: bool):
@@ -116,33 +84,14 @@ def expected_output(source: dict[str, torch.Tensor], groups: dict[str, object], 
     return out
 
 
-def quantize_folder(src, dst, config, **options) -> dict:
-    """What the quantize-checkpoint flow does, without Prefect (options: plan_checkpoint's)."""
-    plan, _ = plan_checkpoint(str(src), config, **options)
-    dest = Dest(dst)
-    dest.prepare(plan.source)
-    folder = Folder(plan.source)
-    manifests = [write_shard(s, folder.open, dest.staging, config.config_groups)
-                 for s in plan.shards]  # fmt: skip
-    finalize(plan, folder, dest, manifests)
-    return plan
+# the fast tier covers llama; the other architectures run in the full suite
+ARCHS = ["llama"] + [
+    pytest.param(a, marks=pytest.mark.slow)
+    for a in ("qwen3_moe", "deepseek_v3", "fused_experts", "tied")
+]
 
 
-def default_groups(tensors, scheme, ignore=IGNORE):
-    import re
-
-    def ignored(module):
-        return any(re.match(p[3:], module) if p.startswith("re:") else p == module
-                   for p in ignore)  # fmt: skip
-
-    return {
-        n: scheme for n, t in tensors.items()
-        if n.endswith(".weight") and t.ndim == 2 and not n[:-7].endswith("norm")
-        and not ignored(n[:-7])
-    }  # fmt: skip
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "deepseek_v3", "fused_experts", "tied"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", SCHEMES)
 def test_checkpoint_matches_reference(tmp_path, arch, name):
     src = build_checkpoint(tmp_path / "src", arch, shards=3)
@@ -158,24 +107,32 @@ def test_checkpoint_matches_reference(tmp_path, arch, name):
     qc = json.loads((tmp_path / "out/config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors"
     assert qc["quantization_status"] == "compressed"
-    assert qc["format"] == scheme_of(name).format or qc["format"] == qc["config_groups"][name][
-        "format"]  # fmt: skip
+    assert (
+        qc["format"] == scheme_of(name).format
+        or qc["format"] == qc["config_groups"][name]["format"]
+    )
     assert qc["ignore"][: len(IGNORE)] == IGNORE
 
 
+@pytest.mark.slow
 def test_config_file_first_matching_group_wins(tmp_path):
     src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=2)
     attn, rest = scheme_of("NVFP4A16"), scheme_of("FP8_DYNAMIC")
     cfg = {
         "config_groups": {
-            "attention": {"targets": [r"re:.*self_attn\.(q|k|v|o)_proj$"],
-                          "weights": attn.weights.model_dump()},
-            "experts": {"targets": [r"re:.*experts\.\d+\..*"], "weights": rest.weights.model_dump(),
-                        "input_activations": rest.input_activations.model_dump()},
+            "attention": {
+                "targets": [r"re:.*self_attn\.(q|k|v|o)_proj$"],
+                "weights": attn.weights.model_dump(),
+            },
+            "experts": {
+                "targets": [r"re:.*experts\.\d+\..*"],
+                "weights": rest.weights.model_dump(),
+                "input_activations": rest.input_activations.model_dump(),
+            },
             "everything": {"targets": ["Linear"], "weights": attn.weights.model_dump()},
         },
         "ignore": ["lm_head", "re:.*mlp.gate$"],
-    }  # fmt: skip
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(json.loads(json.dumps(cfg, default=str)), sort_keys=False))
     config = resolve_config(config=str(path), ignore=["model.embed_tokens"])

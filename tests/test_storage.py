@@ -13,8 +13,8 @@ from safetensors.torch import save
 
 from storage import direct
 from storage.direct import BufferedOutput, DirectOutput, open_output, sha256_file
+from storage.errors import PtqflowError
 from storage.safetensors import ShardWriter, TensorSpec, read_file_header, read_tensor
-from tasks.errors import PtqflowError
 
 
 @pytest.fixture(params=["direct", "buffered"])
@@ -124,8 +124,9 @@ def test_read_tensor_maps_local_files_and_reads_streams(tmp_path):
     info = header.tensors["big"]
     os.truncate(path, header.data_start + info.end - 1)
     with open(path, "rb") as f, pytest.raises(PtqflowError, match="ended early"):
-        read_tensor(f, header.data_start + info.start, header.data_start + info.end, info.dtype,
-                    info.shape)  # fmt: skip
+        read_tensor(
+            f, header.data_start + info.start, header.data_start + info.end, info.dtype, info.shape
+        )
 
 
 def test_copied_tensors_stream_through_a_small_buffer(tmp_path, mode, monkeypatch):
@@ -147,16 +148,17 @@ def test_copied_tensors_stream_through_a_small_buffer(tmp_path, mode, monkeypatc
 def test_upload_records_the_hash_a_resume_checks(tmp_path):
     """The shard's sha256 is taken in the upload stage; a resume trusts it when the stamp moved."""
     from storage.dest import Dest
-    from storage.results import still_valid
-    from tasks.upload import upload
+    from tasks.core.keys import still_valid
+    from tasks.core.records import Manifest
+    from tasks.core.transfer import upload
 
     dest = Dest(tmp_path / "out")
     dest.staging.mkdir(parents=True)
     data = random.Random(4).randbytes(3 * direct.BLOCK + 5)
     shard = dest.staging / "model.safetensors"
     shard.write_bytes(data)
-    manifest = upload({"name": shard.name, "size": len(data)}, dest)
-    assert manifest["sha256"] == hashlib.sha256(data).hexdigest()
+    manifest = upload(Manifest(shard.name, len(data)), dest)
+    assert manifest.sha256 == hashlib.sha256(data).hexdigest()
     os.utime(shard, ns=(1, 1))  # a new stamp: only the hash can vouch for the file
     assert still_valid(manifest, dest)
     shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))

@@ -20,23 +20,29 @@ from pathlib import Path
 
 import torch
 
-from tasks.errors import PtqflowError
-from tasks.plan import Read, SourceFormat, Weight
+from storage.errors import PtqflowError
+from tasks.core.records import Read, SourceFormat, Weight
 
 Tensors = dict[str, torch.Tensor]
 
 # --source-format values; "plain" reads every tensor as it is stored.
 FORMATS = ("auto", "plain", "fp8-block", "compressed-tensors", "modelopt-nvfp4", "awq")
-QUANT_METHODS = {"fp8": "fp8-block", "compressed-tensors": "compressed-tensors",
-                 "modelopt": "modelopt-nvfp4", "awq": "awq"}  # fmt: skip
+QUANT_METHODS = {
+    "fp8": "fp8-block",
+    "compressed-tensors": "compressed-tensors",
+    "modelopt": "modelopt-nvfp4",
+    "awq": "awq",
+}
 # Tensors that only a quantized model has; a source holding them must say how it is quantized.
 QUANTIZED_LEAVES = ("weight_scale_inv", "weight_packed", "weight_scale_2", "qweight")
 
 
 def detect_format(
-    model_config: dict, names: Iterable[str], override: str | None = None,
+    model_config: dict,
+    names: Iterable[str],
+    override: str | None = None,
     side_config: dict | None = None,
-) -> SourceFormat | None:  # fmt: skip
+) -> SourceFormat | None:
     """The source's format from config.json's quantization_config, or `override`.
 
     `side_config` is ModelOpt's hf_quant_config.json, for checkpoints that keep
@@ -162,8 +168,11 @@ class Codec:
         for conv in converters:
             tensors = conv.validate(tensors) if meta else conv.process(tensors)
             if not keep:
-                tensors = {n: t for n, t in tensors.items()
-                           if n.rpartition(".")[2] not in ACTIVATION_LEAVES}  # fmt: skip
+                tensors = {
+                    n: t
+                    for n, t in tensors.items()
+                    if n.rpartition(".")[2] not in ACTIVATION_LEAVES
+                }
         return tensors
 
     def decode(self, tensors: Tensors) -> torch.Tensor:
@@ -192,8 +201,10 @@ class Fp8BlockToCompressed:
     multiplier DeepSeek names `weight_scale_inv` is what compressed-tensors calls `weight_scale`."""
 
     def process(self, tensors: Tensors) -> Tensors:
-        return {n.removesuffix("_inv") if n.endswith(".weight_scale_inv") else n: t
-                for n, t in tensors.items()}  # fmt: skip
+        return {
+            n.removesuffix("_inv") if n.endswith(".weight_scale_inv") else n: t
+            for n, t in tensors.items()
+        }
 
     validate = process
 
@@ -213,9 +224,20 @@ ACTIVATION_LEAVES = frozenset(
     f"{kind}_{p}" for kind in ("input", "output") for p in ("scale", "global_scale", "zero_point")
 ) | {"k_scale", "v_scale"}
 # Weight-side tensors of a quantized source: each belongs to a quantized weight.
-WEIGHT_QPARAM_LEAVES = frozenset({"weight_scale", "weight_scale_inv", "weight_scale_2",
-    "weight_global_scale", "weight_zero_point", "weight_shape", "weight_packed", "qweight",
-    "qzeros", "scales"})  # fmt: skip
+WEIGHT_QPARAM_LEAVES = frozenset(
+    {
+        "weight_scale",
+        "weight_scale_inv",
+        "weight_scale_2",
+        "weight_global_scale",
+        "weight_zero_point",
+        "weight_shape",
+        "weight_packed",
+        "qweight",
+        "qzeros",
+        "scales",
+    }
+)
 
 
 def meta(reads: Iterable[Read]) -> Tensors:
@@ -252,8 +274,10 @@ def decode_weights(
                 if leaf in ACTIVATION_LEAVES:
                     dropped.append(w)
                 elif leaf in WEIGHT_QPARAM_LEAVES:
-                    problems.append(f"{w.name} belongs to no quantized weight of the source "
-                                    f"({codec.fmt.name}); is a tensor missing?")  # fmt: skip
+                    problems.append(
+                        f"{w.name} belongs to no quantized weight of the source "
+                        f"({codec.fmt.name}); is a tensor missing?"
+                    )
                 else:
                     kept.append(w)
                 continue

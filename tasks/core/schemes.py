@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tasks.errors import PtqflowError
+from storage.errors import PtqflowError
 
 # Weight observers that all reduce to "min and max of the weight" for a single
 # observation, which is what model-free PTQ computes.

@@ -211,8 +211,15 @@ def _int4_packed(x: torch.Tensor, scale: torch.Tensor, args) -> torch.Tensor:
 # Round-to-nearest-even boundaries of |x| between the FP4 (E2M1) magnitudes
 # 0, 0.5, 1, 1.5, 2, 3, 4, 6, as compressed-tensors' cast_to_fp4 draws them:
 # (boundary, whether the boundary itself rounds up).
-FP4_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
-             (3.5, True), (5.0, False))  # fmt: skip
+FP4_STEPS = (
+    (0.25, False),
+    (0.75, True),
+    (1.25, False),
+    (1.75, True),
+    (2.5, False),
+    (3.5, True),
+    (5.0, False),
+)
 
 
 def _fp4_packed(x: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, args):
@@ -246,14 +253,16 @@ def compress_function(scheme) -> Callable[[Tensors], Tensors]:
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationStrategy as S
 
-    from tasks.schemes import scheme_format
+    from tasks.core.schemes import scheme_format
 
     args, fmt = scheme.weights, scheme_format(scheme)
     compressor = BaseCompressor.get_value_from_registry(fmt)
     kind = (args.type, args.num_bits, args.strategy)
     fp8 = fmt in ("float-quantized", "naive-quantized") and kind in (
-        ("float", 8, S.TENSOR), ("float", 8, S.CHANNEL), ("float", 8, S.BLOCK)
-    )  # fmt: skip
+        ("float", 8, S.TENSOR),
+        ("float", 8, S.CHANNEL),
+        ("float", 8, S.BLOCK),
+    )
     int4 = fmt == "pack-quantized" and kind in (("int", 4, S.CHANNEL), ("int", 4, S.GROUP))
     fp4 = fmt == "nvfp4-pack-quantized" and kind == ("float", 4, S.TENSOR_GROUP)
     shortcut = (fp8 or int4 or fp4) and args.symmetric and sys.byteorder == "little"
@@ -277,8 +286,9 @@ def compress_function(scheme) -> Callable[[Tensors], Tensors]:
             out["weight_packed"] = _int4_packed(w, scale, args)
             out["weight_shape"] = torch.tensor(w.shape)
         else:
-            out["weight_packed"] = _fp4_packed(w, state["weight_scale"],
-                                               state["weight_global_scale"], args)  # fmt: skip
+            out["weight_packed"] = _fp4_packed(
+                w, state["weight_scale"], state["weight_global_scale"], args
+            )
             del out["weight_scale"]  # stored as the compressor stores it, after the weight
             out["weight_scale"] = compressor._compress_scale(state["weight_scale"], args)
         return out
@@ -298,9 +308,11 @@ def _pool() -> ThreadPoolExecutor:
     and the default for threads that have not run a parallel op yet.)
     """
     return ThreadPoolExecutor(
-        os.cpu_count() or 1, thread_name_prefix="ptqflow-quantize",
-        initializer=torch.set_num_threads, initargs=(1,),
-    )  # fmt: skip
+        os.cpu_count() or 1,
+        thread_name_prefix="ptqflow-quantize",
+        initializer=torch.set_num_threads,
+        initargs=(1,),
+    )
 
 
 def _compress_rows(weight, r0: int, r1: int, *, args, compress, whole: dict) -> Tensors:

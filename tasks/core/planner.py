@@ -12,27 +12,24 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from storage.safetensors import FLOAT_DTYPES, Header, TensorSpec, read_header
+from storage.errors import PtqflowError
+from storage.safetensors import FLOAT_DTYPES, TensorSpec
 from storage.source import Folder, open_source
-from tasks.dequantize import Codec, decode_weights, detect_format, meta
-from tasks.errors import PtqflowError
-from tasks.plan import Plan, Read, ShardPlan, Unit, Weight
-from tasks.select import (
+from tasks.core.checkpoint import Source, load_source, other_files, source_weights
+from tasks.core.codecs import Codec, decode_weights, detect_format, meta
+from tasks.core.records import Plan, ShardPlan, Unit
+from tasks.core.select import (
     EMBEDDING_LEAVES,
     assign_groups,
     fused_sets,
     ignore_pattern,
     is_router,
-    split_experts,
     tied_modules,
 )
 
-INDEX = "model.safetensors.index.json"
 MODELOPT_CONFIG = "hf_quant_config.json"
-OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".safetensors")
 LARGE = 1 << 20  # unquantized 2-D tensors with at least this many elements are called out
 
 
@@ -46,128 +43,6 @@ class Report:
     suggestions: list[str] = field(default_factory=list)  # layers usually left unquantized
     callouts: list[str] = field(default_factory=list)
     source_format: str = "plain"  # how the source stores its weights
-
-
-def read_headers(folder: Folder, files: list[str], workers: int = 8) -> dict[str, Header]:
-    def one(name: str) -> Header:
-        with folder.open_unbuffered(name) as f:
-            return read_header(f, folder.size(name), name)
-
-    with ThreadPoolExecutor(max(1, min(workers, len(files)))) as pool:
-        return dict(zip(files, pool.map(one, files), strict=True))
-
-
-def weight_files(folder: Folder, files: list[str]) -> tuple[list[str], dict[str, str] | None]:
-    """The safetensors files of the checkpoint and the index's weight map, if any."""
-    if INDEX in files:
-        try:
-            weight_map = json.loads(folder.read_text(INDEX))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise PtqflowError(f"{INDEX} is not a valid index ({e}); fix or delete it") from None
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if s not in files]
-        if missing:
-            raise PtqflowError(
-                f"{INDEX} names shard(s) that are not in {folder.url}: {', '.join(missing)}. "
-                "Download the missing files (or fix the index) and run again."
-            )
-        return shards, weight_map
-    shards = [f for f in files if f.endswith(".safetensors") and "/" not in f]
-    if not shards:
-        raise PtqflowError(f"no *.safetensors files in {folder.url}")
-    return shards, None
-
-
-def check_index(weight_map: dict[str, str], headers: dict[str, Header]) -> None:
-    where: dict[str, list[str]] = defaultdict(list)
-    for file, header in headers.items():
-        for name in header.tensors:
-            where[name].append(file)
-    dupes = [f"{n} ({', '.join(fs)})" for n, fs in where.items() if len(fs) > 1]
-    if dupes:
-        raise PtqflowError("tensors stored in more than one shard: " + "; ".join(dupes[:10]))
-    wrong = []
-    for name, file in weight_map.items():
-        if name not in headers[file].tensors:
-            actual = where.get(name)
-            found = f"found in {actual[0]}" if actual else "found nowhere"
-            wrong.append(f"{name}: index says {file}, {found}")
-    if wrong:
-        raise PtqflowError(
-            f"{INDEX} disagrees with the shards ({len(wrong)} tensor(s)):\n  "
-            + "\n  ".join(wrong[:20])
-            + "\nRegenerate the index or re-download the checkpoint."
-        )
-
-
-def other_files(files: list[str], shards: list[str], include_weights: bool) -> list[str]:
-    """Non-weight files to copy unchanged (tokenizer, templates, code, ...)."""
-    out = []
-    for f in files:
-        parts = f.split("/")
-        if f in shards or f in (INDEX, "config.json") or any(p.startswith(".") for p in parts):
-            continue
-        if not include_weights and (parts[0] == "original" or f.endswith(OTHER_WEIGHT_SUFFIXES)):
-            continue
-        out.append(f)
-    return out
-
-
-@dataclass
-class Source:
-    """A checkpoint folder after its headers were read and checked."""
-
-    folder: Folder
-    files: list[str]
-    model_config: dict
-    shards: list[str]
-    headers: dict[str, Header]
-
-
-def load_source(folder: Folder) -> Source:
-    """List SOURCE, read config.json and every shard header, check the index against them."""
-    if not folder.exists():
-        raise PtqflowError(f"source {folder.url} does not exist")
-    files = folder.files()
-    if "config.json" not in files:
-        raise PtqflowError(f"{folder.url} has no config.json; is it a model folder?")
-    model_config = json.loads(folder.read_text("config.json"))
-    shards, weight_map = weight_files(folder, files)
-    headers = read_headers(folder, shards)
-    if weight_map is not None:
-        check_index(weight_map, headers)
-    return Source(folder, files, model_config, shards, headers)
-
-
-def source_weights(headers: dict[str, Header], split: bool = True) -> dict[str, list[Weight]]:
-    """Per source file, its output weights in file order (3-D experts split if `split`)."""
-    out: dict[str, list[Weight]] = {}
-    for file, header in headers.items():
-        weights = []
-        for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].start):
-            base = header.data_start + info.start
-            try:
-                parts = split_experts(name, info.shape) if split else None
-            except ValueError as e:
-                raise PtqflowError(f"{file}: {e}") from None
-            if parts is None:
-                weights.append(
-                    Weight(name, Read(file, name, base, base + info.nbytes, info.dtype, info.shape))
-                )
-                continue
-            row_bytes = info.nbytes // (info.shape[0] * info.shape[1])
-            for out_name, r0, r1 in parts:
-                read = Read(
-                    file,
-                    name,
-                    base + r0 * row_bytes,
-                    base + r1 * row_bytes,
-                    info.dtype,
-                    (r1 - r0, info.shape[2]),
-                )
-                weights.append(Weight(out_name, read))
-        out[file] = weights
-    return out
 
 
 def plan_checkpoint(
@@ -252,8 +127,12 @@ def plan_checkpoint(
         for d in dropped:
             if d.name.rpartition(".")[2] not in ("k_scale", "v_scale"):
                 scales[d.module].append(d.read)
-        weights.update({n: replace(w, decoded=None, deps=w.deps + tuple(scales[w.module]))
-                        for n, w in kept.items()})  # fmt: skip
+        weights.update(
+            {
+                n: replace(w, decoded=None, deps=w.deps + tuple(scales[w.module]))
+                for n, w in kept.items()
+            }
+        )
         per_file = {f: [weights[w.name] for w in ws] for f, ws in per_file.items()}
     schemes = config.config_groups
     _check_fused(weights, groups, schemes, report)
@@ -330,7 +209,7 @@ def _check_fused(weights, groups, schemes, report: Report) -> None:
 
 def _plan_outputs(weights, groups, schemes, report: Report, codec) -> dict[str, list[TensorSpec]]:
     from storage.safetensors import DTYPE_NAMES
-    from tasks.compress import meta_outputs
+    from tasks.core.compress import meta_outputs
 
     cache: dict[tuple, list | str] = {}
     out: dict[str, list[TensorSpec]] = {}
@@ -419,7 +298,7 @@ def _config_dict(config, kept=(), ignored=(), codec=None) -> dict:
     from compressed_tensors import __version__
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
-    from tasks.schemes import scheme_format
+    from tasks.core.schemes import scheme_format
 
     groups = {}
     for name, scheme in config.config_groups.items():
@@ -473,4 +352,6 @@ def reindex_plan(src: Source) -> Plan:
         for f in src.shards
         if units[f]
     ]
-    return Plan(src.folder.url, None, shards, other_files(src.files, src.shards, False))
+    other = other_files(src.files, src.shards, False)
+    fingerprints = {f: src.folder.fingerprint(f) for f in src.shards}
+    return Plan(src.folder.url, None, shards, other, fingerprints)

@@ -1,0 +1,350 @@
+"""Every option of every `ptqflow` command, described once.
+
+A command's options are small typed records (`Option`): the flow parameter it
+sets, its CLI flag, its help text, default, type, choices and minimum. The
+`ptqflow` parser is built from them (`add_arguments`), the CLI passes
+`{name: value}` from them to the flow (`Command.values`), and the flows'
+signatures take their descriptions, defaults and bounds from them:
+
+    described, DEFAULTS = QUANTIZE.described, QUANTIZE.defaults
+
+    @flow(name="quantize-checkpoint")
+    @QUANTIZE.document
+    def quantize_checkpoint(
+        max_workers: Annotated[int, described("max_workers")] = DEFAULTS["max_workers"],
+        ...
+
+`described` returns a pydantic `Field` (description and bounds, validated on
+every run); `document` writes the same descriptions into the docstring's Args
+section, where Prefect's deployment parameter schema reads them.
+
+Imported by the CLI: nothing here imports Prefect, pydantic or torch at module
+level, so `ptqflow --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+# Choices shared with the flows' Literal types (tests check them against tasks.core.codecs).
+SOURCE_FORMATS = ("auto", "plain", "fp8-block", "compressed-tensors", "modelopt-nvfp4", "awq")
+TASK_RUNNERS = ("threads", "dask")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: a flow parameter (`name`) and how the CLI sets it.
+
+    `positional` options are CLI arguments (shown as `metavar`), the others
+    flags (`flag`, default `--name-with-dashes`). A `bool` option is an on/off
+    flag; a `repeatable` one collects every occurrence in a list. Options with
+    the same `one_of` form a required either-or group on the CLI. `cli=False`
+    keeps a flow parameter off the CLI; `param=False` marks a CLI-only option
+    (not a parameter of the command's flow).
+    """
+
+    name: str
+    help: str
+    default: Any = None
+    type: type = str
+    flag: str | None = None
+    positional: bool = False
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    minimum: int | None = None
+    repeatable: bool = False
+    one_of: str | None = None
+    cli: bool = True
+    param: bool = True
+
+    @property
+    def required(self) -> bool:
+        return self.positional
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def add_to(self, parser) -> None:
+        """Add this option to an argparse parser (or group)."""
+        if self.positional:
+            parser.add_argument(self.name, metavar=self.metavar or self.name, help=self.help)
+            return
+        kw: dict[str, Any] = {"dest": self.name, "help": self.help}
+        if self.type is bool:
+            kw["action"] = "store_true"
+        else:
+            kw["default"] = self.default
+            if self.metavar:
+                kw["metavar"] = self.metavar
+            if self.choices:
+                kw["choices"] = self.choices
+            if self.type is not str:
+                kw["type"] = _at_least(self.minimum) if self.minimum is not None else self.type
+            if self.repeatable:
+                kw["action"] = "append"
+            if self.default not in (None, [], False) and "default" not in self.help:
+                kw["help"] = f"{self.help} (default: {self.default})"
+        parser.add_argument(self.cli_flag, **kw)
+
+
+def _at_least(minimum: int):
+    def convert(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    convert.__name__ = "int"  # argparse names the type in its error messages
+    return convert
+
+
+@dataclass(frozen=True)
+class Command:
+    """A `ptqflow` command: its options, and the flow it runs (None: no flow)."""
+
+    name: str
+    help: str
+    options: tuple[Option, ...]
+    flow: str | None = None
+    by_name: dict[str, Option] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_name", {o.name: o for o in self.options})
+        assert len(self.by_name) == len(self.options), f"{self.name}: an option twice"
+
+    @property
+    def params(self) -> tuple[Option, ...]:
+        """The options that are parameters of the command's flow, in signature order."""
+        return tuple(o for o in self.options if o.param)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self.params if not o.required}
+
+    def described(self, name: str):
+        """A pydantic Field with `name`'s description and bounds, for the flow's signature."""
+        from pydantic import Field
+
+        o = self.by_name[name]
+        return Field(description=o.help, **({} if o.minimum is None else {"ge": o.minimum}))
+
+    def document(self, fn):
+        """Append an Args section describing every parameter to `fn`'s docstring.
+
+        Prefect builds a deployment's parameter descriptions from it (it ignores
+        the descriptions of Annotated fields).
+        """
+        lines = [f"    {o.name}: {' '.join(o.help.split())}" for o in self.params]
+        doc = (fn.__doc__ or "").rstrip()
+        fn.__doc__ = f"{doc}\n\nArgs:\n" + "\n".join(lines) + "\n"
+        return fn
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        groups: dict[str, Any] = {}
+        for o in self.options:
+            if not o.cli:
+                continue
+            target = parser
+            if o.one_of:
+                if o.one_of not in groups:
+                    groups[o.one_of] = parser.add_mutually_exclusive_group(required=True)
+                target = groups[o.one_of]
+            o.add_to(target)
+
+    def values(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The flow's parameters from parsed arguments: `{name: value}`."""
+        return {o.name: getattr(args, o.name, o.default) for o in self.params}
+
+
+# --- the options, shared where commands mean the same thing --------------------------------
+
+SOURCE = Option("source", "folder, Hub repo id (org/name) or fsspec URL", positional=True)
+DEST = Option(
+    "destination", "output folder, hf://org/name or fsspec URL", positional=True, metavar="dest"
+)
+SCHEME = Option(
+    "scheme", "compressed-tensors preset, e.g. FP8_BLOCK, NVFP4A16, W4A16", one_of="scheme"
+)
+CONFIG = Option(
+    "config",
+    "QuantizationConfig with config_groups, as a YAML/JSON file (the flow also takes a dict)",
+    one_of="scheme",
+)
+IGNORE = Option(
+    "ignore",
+    "module name or 're:' regex to leave unquantized (repeatable)",
+    repeatable=True,
+    metavar="MODULE",
+)
+SOURCE_FORMAT = Option(
+    "source_format",
+    "how SOURCE stores its weights (default: from config.json's quantization_config)",
+    default="auto",
+    choices=SOURCE_FORMATS,
+)
+KEEP = Option(
+    "keep_source_quantization_for_ignored",
+    "pre-quantized SOURCE: ignored layers keep its quantization (mixed-precision config) "
+    "instead of becoming BF16",
+    default=False,
+    type=bool,
+)
+REVISION = Option("revision", "Hub SOURCE: branch, tag or commit (default: main)")
+CACHE_DIR = Option("cache_dir", "where remote source shards are downloaded")
+OVERWRITE = Option("overwrite", "delete what DEST holds first", default=False, type=bool)
+MAX_WORKERS = Option(
+    "max_workers", "shards quantizing at once (on the CPU)", default=1, type=int, minimum=1
+)
+DEVICE = Option("device", "cpu, cuda:N or cuda:0,cuda:1,... (default: cuda:0 if present, else cpu)")
+
+RUN = (
+    SOURCE_FORMAT,
+    MAX_WORKERS,
+    DEVICE,
+    OVERWRITE,
+    Option(
+        "task_runner",
+        "run shards on threads here, or on Dask workers",
+        default="threads",
+        choices=TASK_RUNNERS,
+    ),
+    Option("dask_address", "existing Dask scheduler, tcp://HOST:PORT (default: a LocalCluster)"),
+    Option(
+        "verify", "verify DEST against SOURCE at the end (ptqflow verify)", default=False, type=bool
+    ),
+    REVISION,
+    Option("private", "hf:// DEST: create the repo private", default=False, type=bool),
+    CACHE_DIR,
+    Option("result_storage", "folder for cached shard results (default: DEST/.ptqflow)"),
+    Option(
+        "max_downloaded",
+        "shards downloaded but not yet quantized, at most (bounds disk use)",
+        default=2,
+        type=int,
+        minimum=1,
+    ),
+    Option(
+        "delete_source",
+        "delete each downloaded source shard once its outputs are stored",
+        default=False,
+        type=bool,
+    ),
+    Option(
+        "include_other_weights",
+        "also copy *.bin / *.pth / original/ weight files",
+        default=False,
+        type=bool,
+    ),
+)
+
+
+def _order(options: tuple[Option, ...], names: tuple[str, ...]) -> tuple[Option, ...]:
+    by_name = {o.name: o for o in options}
+    assert sorted(by_name) == sorted(names), set(by_name) ^ set(names)
+    return tuple(by_name[n] for n in names)
+
+
+# The flow's signature order (the deployment form lists parameters in it).
+QUANTIZE_ORDER = (
+    "source",
+    "destination",
+    "scheme",
+    "config",
+    "ignore",
+    "max_workers",
+    "device",
+    "overwrite",
+    "include_other_weights",
+    "cache_dir",
+    "result_storage",
+    "max_downloaded",
+    "delete_source",
+    "revision",
+    "private",
+    "task_runner",
+    "dask_address",
+    "verify",
+    "source_format",
+    "keep_source_quantization_for_ignored",
+)
+
+QUANTIZE = Command(
+    "quantize",
+    "quantize SOURCE into DEST (flow quantize-checkpoint)",
+    _order((SOURCE, DEST, SCHEME, CONFIG, IGNORE, *RUN, KEEP), QUANTIZE_ORDER),
+    flow="quantize-checkpoint",
+)
+
+DEQUANTIZE = Command(
+    "dequantize",
+    "write a pre-quantized SOURCE as a BF16 checkpoint in DEST",
+    tuple(o for o in QUANTIZE.options if o not in (SCHEME, CONFIG, IGNORE, KEEP)),
+    flow="quantize-checkpoint",
+)
+
+PLAN = Command(
+    "plan",
+    "dry run: read headers, show what would be done",
+    (
+        SOURCE,
+        REVISION,
+        SCHEME,
+        CONFIG,
+        IGNORE,
+        SOURCE_FORMAT,
+        replace(KEEP, help="plan ignored layers of a pre-quantized SOURCE in its own quantization"),
+        Option("json", "print the report as JSON", default=False, type=bool, param=False),
+    ),
+)
+
+REINDEX = Command(
+    "reindex-fused-weights",
+    "rewrite SOURCE so fused sets (q/k/v, gate/up) share a shard",
+    (
+        SOURCE,
+        DEST,
+        Option("num_workers", "shards copied at once", default=1, type=int, minimum=1),
+        OVERWRITE,
+        REVISION,
+        CACHE_DIR,
+    ),
+    flow="reindex-fused-weights",
+)
+
+VERIFY = Command(
+    "verify",
+    "check QUANTIZED against SOURCE: complete, byte-exact, accurate, loadable",
+    (
+        replace(SOURCE, help="the checkpoint QUANTIZED was made from"),
+        Option("quantized", "ptqflow's output: folder, Hub repo id or fsspec URL", positional=True),
+        Option(
+            "report_dir",
+            "where report.md, tensors.csv and errors.png go (default: "
+            "QUANTIZED/.ptqflow/verify, or under PREFECT_HOME for a remote QUANTIZED)",
+            flag="--report",
+            metavar="DIR",
+        ),
+        replace(MAX_WORKERS, help="shards checked at once"),
+        replace(DEVICE, help="where to re-quantize: cpu or cuda:N (default: cuda:0 if any)"),
+        Option(
+            "load",
+            "also load both with transformers and compare logits (small models only)",
+            default=False,
+            type=bool,
+        ),
+        REVISION,
+        replace(CACHE_DIR, help="where remote shards are downloaded"),
+    ),
+    flow="verify-checkpoint",
+)
+
+SERVE = Command(
+    "serve",
+    "serve the flows as deployments 'quantize', 'reindex' and 'verify' (no work pool)",
+    (Option("limit", "flow runs at once", default=1, type=int, minimum=1, param=False),),
+)
+
+COMMANDS = {c.name: c for c in (QUANTIZE, DEQUANTIZE, PLAN, REINDEX, VERIFY, SERVE)}

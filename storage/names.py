@@ -1,0 +1,15 @@
+"""File names every layer agrees on: the index, config.json, and unfinished files."""
+
+from pathlib import Path
+
+INDEX = "model.safetensors.index.json"
+CONFIG = "config.json"
+PARTIAL = ".partial"
+
+
+def partial_path(path: Path) -> Path:
+    """Where `path` is written before it is complete: `.NAME.partial` beside it.
+
+    A rename to `path` is the last step, so a file under its final name is whole.
+    """
+    return path.with_name(f".{path.name}{PARTIAL}")

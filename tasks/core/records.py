@@ -1,0 +1,162 @@
+"""Typed records that travel between stages (and processes) instead of tensors.
+
+The plan says what every output shard holds: a `Read` names the exact byte
+range of a source tensor, so a quantize task needs no header parsing and can
+read a fused partner from any source shard. A `Manifest` says what a finished
+shard is; a `Summary` what a run did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from storage.safetensors import TensorSpec
+
+
+@dataclass(frozen=True)
+class Read:
+    """A tensor (or a row range of a 3-D expert tensor) in a source file."""
+
+    file: str
+    tensor: str
+    start: int  # absolute byte offsets in `file`
+    stop: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One output weight: `name` is its tensor name in the output (before compression).
+
+    A weight the source stores quantized is read from its main tensor `read` and
+    the tensors it is decoded with (`deps`: scales, shapes). `decoded` is its
+    dtype and shape once dequantized; None keeps it in the source's format.
+    """
+
+    name: str
+    read: Read
+    deps: tuple[Read, ...] = ()
+    decoded: tuple[str, tuple[int, ...]] | None = None
+
+    @property
+    def module(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    @property
+    def reads(self) -> tuple[Read, ...]:
+        return (self.read, *self.deps)
+
+    @property
+    def encoded(self) -> bool:
+        """Stored quantized in the source."""
+        return bool(self.deps)
+
+    @property
+    def dtype(self) -> str:
+        return self.decoded[0] if self.decoded else self.read.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.decoded[1] if self.decoded else self.read.shape
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Weights processed together: a fused set sharing one global scale, or one tensor.
+
+    `group` is the config group that quantizes them, or None to copy unchanged.
+    """
+
+    weights: tuple[Weight, ...]
+    group: str | None
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """How a pre-quantized source stores its weights (see tasks/dequantize.py).
+
+    `name` is one of dequantize.FORMATS; `config` the source's quantization_config.
+    """
+
+    name: str
+    config: dict
+
+
+@dataclass
+class ShardPlan:
+    name: str
+    units: list[Unit]
+    specs: list[TensorSpec]
+    source_format: SourceFormat | None = None  # None: the source is not quantized
+
+    @property
+    def files(self) -> list[str]:
+        """Source files this shard reads from."""
+        return sorted({r.file for u in self.units for w in u.weights for r in w.reads})
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data this shard writes."""
+        return sum(s.nbytes for s in self.specs)
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes of source tensor data this shard reads."""
+        return sum(r.stop - r.start for u in self.units for w in u.weights for r in w.reads)
+
+
+@dataclass
+class Plan:
+    source: str
+    config: dict | None  # quantization_config for config.json; None copies config.json as is
+    shards: list[ShardPlan]
+    other_files: list[str]
+    fingerprints: dict[str, str] = field(default_factory=dict)  # source file -> version
+    source_format: SourceFormat | None = None
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def weight_map(self) -> dict[str, str]:
+        return {spec.name: s.name for s in self.shards for spec in s.specs}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One finished output shard: what was written, and how long each stage took.
+
+    The quantize stage fills name, size, bytes_in, seconds and stages; the
+    upload stage adds `sha256` and `stamp` (DEST's cheap change marker: mtime
+    or ETag), which a resumed run checks the file against; `cached` says the
+    run found it done.
+    """
+
+    name: str
+    size: int
+    bytes_in: int = 0
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    sha256: str | None = None
+    stamp: str | None = None
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a quantize run did, shard by shard."""
+
+    destination: str
+    shards: list[Manifest]
+    total_size: int
+    seconds: float
+    verify: dict | None = None
+
+    @property
+    def cached(self) -> int:
+        return sum(m.cached for m in self.shards)
+
+    @property
+    def quantized(self) -> int:
+        return len(self.shards) - self.cached

@@ -1,0 +1,139 @@
+"""What the tests share: paths, the usual ignore list, byte comparisons, ways to run ptqflow.
+
+Test modules import from here (and from the builders: checkpoints.py,
+prequantized.py; the references: reference.py, fakehub.py), never from each other.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import torch
+
+from tasks.core.pipeline import quantize
+from tasks.core.records import Summary
+from tasks.core.schemes import resolve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+IGNORE = ["lm_head", "re:.*mlp.gate$", "model.embed_tokens"]
+# every compressed-tensors preset that needs no calibration data
+SCHEMES = [
+    "FP8_DYNAMIC", "FP8_BLOCK", "W8A16", "W4A16", "W4A16_ASYM", "W8A8", "INT8", "W4AFP8",
+    "NVFP4A16", "MXFP4A16", "MXFP4", "MXFP8A16", "MXFP8",
+]  # fmt: skip
+
+
+FUSED = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("q_a_proj", "kv_a_proj_with_mqa"),
+)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every visible file below `folder` with its bytes."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    }
+
+
+def assert_same_bytes(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Same names, dtypes, shapes and bytes."""
+    assert sorted(got) == sorted(want)
+    for k in want:
+        a, b = got[k], want[k]
+        assert (a.dtype, tuple(a.shape)) == (b.dtype, tuple(b.shape)), k
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), k
+
+
+def scheme_of(name: str):
+    """The QuantizationScheme of a preset."""
+    (scheme,) = resolve_config(name).config_groups.values()
+    return scheme
+
+
+def split_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """llm-compressor's split of 3-D fused experts into per-expert 2-D weights."""
+    out = {}
+    for name, t in tensors.items():
+        if t.ndim == 3 and name.endswith("experts.gate_up_proj"):
+            for e in range(t.shape[0]):
+                gate, up = t[e].chunk(2, dim=0)
+                out[name.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate
+                out[name.replace("gate_up_proj", f"{e}.up_proj.weight")] = up
+        elif t.ndim == 3 and name.endswith("experts.down_proj"):
+            for e in range(t.shape[0]):
+                out[name.replace("down_proj", f"{e}.down_proj.weight")] = t[e]
+        else:
+            out[name] = t
+    return out
+
+
+def default_groups(tensors, scheme, ignore=IGNORE):
+    """Weight name -> scheme for the weights llm-compressor's model_free_ptq quantizes."""
+    import re
+
+    def ignored(module):
+        return any(re.match(p[3:], module) if p.startswith("re:") else p == module for p in ignore)
+
+    return {
+        n: scheme
+        for n, t in tensors.items()
+        if n.endswith(".weight")
+        and t.ndim == 2
+        and not n[:-7].endswith("norm")
+        and not ignored(n[:-7])
+    }
+
+
+def quantize_folder(src, dst, config, **options) -> Summary:
+    """What the quantize-checkpoint flow does, without Prefect (options: plan_checkpoint's)."""
+    return quantize(src, dst, config, **options)
+
+
+def run(source: str, dest: str, scheme: str = "NVFP4A16", ignore=IGNORE, **kw) -> Summary:
+    """The quantize-checkpoint flow on the CPU (needs the prefect_server fixture)."""
+    from flows.quantize import run_quantize
+
+    return run_quantize(
+        source=source, destination=dest, scheme=scheme, ignore=ignore, device="cpu", **kw
+    )
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`ptqflow ARGS` in a fresh process, as a user runs it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def upload_folder(local: Path, url: str) -> None:
+    """Copy a local folder to an fsspec URL."""
+    fs, root = fsspec.core.url_to_fs(url)
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            fs.pipe_file(f"{root}/{p.relative_to(local)}", p.read_bytes())
+
+
+def remote_files(url: str) -> dict[str, bytes]:
+    """Every visible file below an fsspec URL with its bytes."""
+    fs, root = fsspec.core.url_to_fs(url)
+    return {
+        p[len(root) + 1 :]: fs.cat_file(p)
+        for p in sorted(fs.find(root))
+        if not any(part.startswith(".") for part in p[len(root) + 1 :].split("/"))
+    }

@@ -1,0 +1,123 @@
+"""The layers: storage at the bottom, a Prefect-free core, thin tasks, flows that wire."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.checkpoints import build_checkpoint
+from tests.helpers import IGNORE, ROOT, files
+
+PRODUCTION = ("storage", "tasks", "flows")
+
+
+def imported(path) -> set[str]:
+    """Top-level names of every module a file imports, at any depth of its code."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize(
+    ("folder", "forbidden"),
+    [
+        ("storage", ("tasks", "flows", "prefect", "prefect_dask")),
+        (
+            "tasks/core",
+            (
+                "tasks.download",
+                "tasks.quantize",
+                "tasks.upload",
+                "tasks.plan",
+                "tasks.finalize",
+                "tasks.verify",
+                "flows",
+                "prefect",
+                "prefect_dask",
+            ),
+        ),
+        ("tasks", ("flows",)),
+    ],
+)
+def test_each_layer_imports_only_what_lies_below(folder, forbidden):
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for name in imported(path):
+            bad = [f for f in forbidden if name == f or name.startswith(f + ".")]
+            assert not bad, f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_no_production_file_is_much_over_400_lines():
+    long = {
+        str(p.relative_to(ROOT)): n
+        for d in PRODUCTION
+        for p in (ROOT / d).rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 420
+    }
+    assert not long
+
+
+CORE_WITHOUT_PREFECT = """
+import json, pkgutil, importlib, sys
+sys.modules["prefect"] = None  # any import of prefect now raises ImportError
+import tasks.core
+for m in pkgutil.walk_packages(tasks.core.__path__, "tasks.core."):
+    importlib.import_module(m.name)
+from tasks.core.pipeline import quantize
+from tasks.core.schemes import resolve_config
+config = resolve_config("NVFP4A16", ignore=json.loads(sys.argv[3]))
+summary = quantize(sys.argv[1], sys.argv[2], config)
+from tasks.core.verify import verify
+assert verify(sys.argv[1], sys.argv[2]).ok
+assert not any(m == "prefect" or m.startswith("prefect.") for m in sys.modules if sys.modules[m])
+print(json.dumps([m.name for m in summary.shards]))
+"""
+
+
+def test_core_quantizes_and_verifies_with_prefect_unimportable(tmp_path):
+    src = build_checkpoint(tmp_path / "src", "deepseek_v3", shards=3)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", CORE_WITHOUT_PREFECT, str(src), str(out), json.dumps(IGNORE)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = json.loads(proc.stdout.splitlines()[-1])
+    assert len(shards) == 3 and all(s in files(out) for s in shards)
+    assert json.loads(files(out)["config.json"])["quantization_config"]["format"] == (
+        "nvfp4-pack-quantized"
+    )
+
+
+@pytest.mark.slow
+def test_plan_imports_no_prefect(tmp_path):
+    src = build_checkpoint(tmp_path / "src", "llama", shards=2)
+    script = (
+        "import sys; from flows.cli import main; rc = main(['plan', sys.argv[1], '--scheme', "
+        "'FP8_BLOCK']); print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(src)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "[]"
+
+
+def test_dtype_table_skips_what_this_torch_lacks():
+    """torch < 2.7 has no float8_e8m0fnu: the table leaves F8_E8M0 out instead of failing."""
+    script = (
+        "import torch; del torch.float8_e8m0fnu; from storage.safetensors import DTYPES; "
+        "assert 'F8_E8M0' not in DTYPES and 'BF16' in DTYPES and 'F8_E4M3' in DTYPES"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
