@@ -2,7 +2,8 @@
 
     python benchmarks/bench.py [--schemes FP8_BLOCK,FP8_DYNAMIC,W4A16,NVFP4A16] [--repeat 3]
         [--max-workers 1] [--size-gb 1.6 --shard-gb 0.4 --hidden 4096] [--flow]
-        [--llmcompressor-python benchmarks/.venv-llmc/bin/python] [--json FILE]
+        [--observer memoryless_mse] [--llmcompressor-python benchmarks/.venv-llmc/bin/python]
+        [--json FILE]
 
 Builds a synthetic Llama-style checkpoint once (benchmarks/make_checkpoint.py,
 kept under benchmarks/.data/), then quantizes it per scheme, each run in a fresh
@@ -43,7 +44,9 @@ STAGES = ("read", "quantize", "write", "upload")
 # --- one run, in a fresh process ---------------------------------------------------------
 
 
-def child_plain(src: str, dst: str, scheme: str, max_workers: int, ignore: list[str]) -> dict:
+def child_plain(
+    src: str, dst: str, scheme: str, max_workers: int, ignore: list[str], observer: str | None
+) -> dict:
     """ptqflow without Prefect: the core pipeline (plan, write_shard on threads, finalize)."""
     import importlib
 
@@ -53,16 +56,20 @@ def child_plain(src: str, dst: str, scheme: str, max_workers: int, ignore: list[
     # imported before the clock starts, as run_llmcompressor.py imports llm-compressor
     importlib.import_module("compressed_tensors.compressors")
     start = time.perf_counter()
-    summary = quantize(src, dst, resolve_config(scheme, ignore=ignore), max_workers=max_workers)
+    config = resolve_config(scheme, ignore=ignore, observer=observer)
+    summary = quantize(src, dst, config, max_workers=max_workers)
     stages = {k: sum(m.stages[k] for m in summary.shards) for k in STAGES}
     return {"seconds": time.perf_counter() - start, "stages": stages}
 
 
-def child_flow(src: str, dst: str, scheme: str, max_workers: int, ignore: list[str]) -> dict:
+def child_flow(
+    src: str, dst: str, scheme: str, max_workers: int, ignore: list[str], observer: str | None
+) -> dict:
     """`ptqflow quantize`, as a user runs it."""
     from flows.cli import main
 
     argv = ["quantize", src, dst, "--scheme", scheme, "--max-workers", str(max_workers)]
+    argv += ["--observer", observer] if observer else []
     start = time.perf_counter()
     rc = main(argv + [x for m in ignore for x in ("--ignore", m)])
     if rc:
@@ -134,6 +141,7 @@ def find_llmcompressor(a: argparse.Namespace) -> str | None:
 def tool_commands(a, llmc: str | None) -> dict[str, list[str]]:
     """Command (without SOURCE DEST SCHEME) of each tool to run."""
     tail = ["--max-workers", str(a.max_workers)] + [x for m in a.ignore for x in ("--ignore", m)]
+    tail += ["--observer", a.observer] if a.observer else []
     cmds = {"ptqflow": [sys.executable, str(HERE / "bench.py"), "--child", "plain"]}
     if a.flow:
         cmds["ptqflow-flow"] = [sys.executable, str(HERE / "bench.py"), "--child", "flow"]
@@ -270,6 +278,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--flow", action="store_true", help="also run `ptqflow quantize` (Prefect)")
     p.add_argument(
+        "--observer",
+        help="weight observer for both tools, e.g. memoryless_mse, nvfp4_expanded_mse",
+    )
+    p.add_argument(
         "--llmcompressor-python",
         metavar="PATH",
         help="interpreter with llm-compressor (default: benchmarks/.venv-llmc)",
@@ -291,8 +303,8 @@ def main(argv=None) -> None:
     os.environ.setdefault("PREFECT_HOME", str(work / "prefect-home"))
     print(
         f"source {src} ({source_bytes / 1e9:.2f} GB), {os.cpu_count()} CPUs, "
-        f"max_workers {a.max_workers}, tools: {', '.join(cmds)}"
-        + (f" ({llmc})" if llmc else " (llm-compressor not found)"),
+        f"max_workers {a.max_workers}, observer {a.observer or 'min-max'}, "
+        f"tools: {', '.join(cmds)}" + (f" ({llmc})" if llmc else " (llm-compressor not found)"),
         flush=True,
     )
     results = {}
@@ -339,9 +351,10 @@ def child_main(argv: list[str]) -> None:
     p.add_argument("scheme")
     p.add_argument("--max-workers", type=int, default=1)
     p.add_argument("--ignore", action="append", default=[])
+    p.add_argument("--observer")
     a = p.parse_args(argv)
     fn = child_plain if a.mode == "plain" else child_flow
-    result = fn(a.source, a.dest, a.scheme, a.max_workers, a.ignore)
+    result = fn(a.source, a.dest, a.scheme, a.max_workers, a.ignore, a.observer)
     print(json.dumps(result), flush=True)
 
 

@@ -1,6 +1,7 @@
 """Run llm-compressor's `model_free_ptq` once and print its timings as one JSON line.
 
     PYTHON benchmarks/run_llmcompressor.py SOURCE DEST SCHEME [--max-workers N] [--ignore M]
+        [--observer NAME]
 
 Runs under llm-compressor's own interpreter (see setup_llmcompressor.sh), so it
 imports nothing from ptqflow. Per-stage seconds come from timers wrapped around
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument("scheme")
     p.add_argument("--max-workers", type=int, default=1)
     p.add_argument("--ignore", action="append", default=[])
+    p.add_argument("--observer", help="weight observer of the preset (as its config group sets it)")
     a = p.parse_args()
 
     import compressed_tensors
@@ -56,11 +58,17 @@ def main() -> None:
     mf.save_file = timed(mf.save_file, stages, "write", lock)
     ModelFreePtqConverter.process = timed(ModelFreePtqConverter.process, stages, "quantize", lock)
 
+    scheme = a.scheme
+    if a.observer:
+        from compressed_tensors.quantization import preset_name_to_scheme
+
+        scheme = preset_name_to_scheme(a.scheme, ["Linear"])
+        scheme.weights.observer = a.observer
     start = time.perf_counter()
     mf.model_free_ptq(
         model_stub=a.source,
         save_directory=a.dest,
-        scheme=a.scheme,
+        scheme=scheme,
         ignore=a.ignore,
         max_workers=a.max_workers,
         device="cpu",

@@ -62,7 +62,12 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     # Check everything that can be checked from headers before Prefect starts.
     plan, _ = plan_checkpoint(
         params["source"],
-        resolve_config(params.get("scheme"), params["config"], params.get("ignore") or []),
+        resolve_config(
+            params.get("scheme"),
+            params["config"],
+            params.get("ignore") or [],
+            params.get("observer"),
+        ),
         revision=params["revision"],
         source_format=params["source_format"],
         keep_source_quantization=params.get("keep_source_quantization_for_ignored", False),
@@ -95,7 +100,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     plan, report = plan_checkpoint(
         a.source,
-        resolve_config(a.scheme, a.config, a.ignore or []),
+        resolve_config(a.scheme, a.config, a.ignore or [], a.observer),
         strict=False,
         revision=a.revision,
         source_format=a.source_format,

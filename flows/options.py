@@ -173,6 +173,11 @@ CONFIG = Option(
     "QuantizationConfig with config_groups, as a YAML/JSON file (the flow also takes a dict)",
     one_of="scheme",
 )
+OBSERVER = Option(
+    "observer",
+    "weight observer of --scheme: memoryless_mse (or mse) or nvfp4_expanded_mse search the "
+    "scale that minimizes the error (default: min-max); a --config sets its own",
+)
 IGNORE = Option(
     "ignore",
     "module name or 're:' regex to leave unquantized (repeatable)",
@@ -254,6 +259,7 @@ QUANTIZE_ORDER = (
     "scheme",
     "config",
     "ignore",
+    "observer",
     "max_workers",
     "device",
     "overwrite",
@@ -274,14 +280,14 @@ QUANTIZE_ORDER = (
 QUANTIZE = Command(
     "quantize",
     "quantize SOURCE into DEST (flow quantize-checkpoint)",
-    _order((SOURCE, DEST, SCHEME, CONFIG, IGNORE, *RUN, KEEP), QUANTIZE_ORDER),
+    _order((SOURCE, DEST, SCHEME, CONFIG, IGNORE, OBSERVER, *RUN, KEEP), QUANTIZE_ORDER),
     flow="quantize-checkpoint",
 )
 
 DEQUANTIZE = Command(
     "dequantize",
     "write a pre-quantized SOURCE as a BF16 checkpoint in DEST",
-    tuple(o for o in QUANTIZE.options if o not in (SCHEME, CONFIG, IGNORE, KEEP)),
+    tuple(o for o in QUANTIZE.options if o not in (SCHEME, CONFIG, IGNORE, OBSERVER, KEEP)),
     flow="quantize-checkpoint",
 )
 
@@ -294,6 +300,7 @@ PLAN = Command(
         SCHEME,
         CONFIG,
         IGNORE,
+        OBSERVER,
         SOURCE_FORMAT,
         replace(KEEP, help="plan ignored layers of a pre-quantized SOURCE in its own quantization"),
         Option("json", "print the report as JSON", default=False, type=bool, param=False),

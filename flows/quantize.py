@@ -49,6 +49,7 @@ def quantize_checkpoint(
     scheme: Annotated[str | None, described("scheme")] = DEFAULTS["scheme"],
     config: Annotated[str | dict | None, described("config")] = DEFAULTS["config"],
     ignore: Annotated[list[str] | None, described("ignore")] = DEFAULTS["ignore"],
+    observer: Annotated[str | None, described("observer")] = DEFAULTS["observer"],
     max_workers: Annotated[int, described("max_workers")] = DEFAULTS["max_workers"],
     device: Annotated[str | None, described("device")] = DEFAULTS["device"],
     overwrite: Annotated[bool, described("overwrite")] = DEFAULTS["overwrite"],
@@ -79,7 +80,7 @@ def quantize_checkpoint(
     is dequantized weight by weight on the way; a config without groups only dequantizes.
     """
     started = time.monotonic()
-    qconfig = resolve_config(scheme, config, ignore or [])
+    qconfig = resolve_config(scheme, config, ignore or [], observer)
     plan = plan_task(
         source,
         qconfig,

@@ -105,7 +105,13 @@ def test_dequantize_sets_a_subset_of_the_quantize_flow():
     for o in options.DEQUANTIZE.params:
         assert quantize[o.name] == o
     missing = set(quantize) - {o.name for o in options.DEQUANTIZE.params}
-    assert missing == {"scheme", "config", "ignore", "keep_source_quantization_for_ignored"}
+    assert missing == {
+        "scheme",
+        "config",
+        "ignore",
+        "observer",
+        "keep_source_quantization_for_ignored",
+    }
 
 
 def some_value(o: options.Option):

@@ -24,47 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from storage.safetensors import DTYPE_NAMES, DTYPES
+from tasks.core.observers import observe, search_of, searched_minmax
 
 Tensors = dict[str, torch.Tensor]
 
 # Elements per row chunk: a chunk's input and intermediates stay in a core's L2 cache.
 CHUNK_ELEMENTS = 1 << 20
-
-
-def observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of `weight` per scale element (llm-compressor's min-max observer).
-
-    Reduces strided views in place of the observer's transposed copies: min and
-    max are exact in any order, so the values are the observer's. On the CPU,
-    16-bit weights are reduced per row, group or block as float32, which torch
-    reduces 1.5-3x faster; both conversions are exact.
-    """
-    from compressed_tensors.quantization import QuantizationStrategy as S
-    from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
-
-    if args.strategy == S.TENSOR:
-        return torch.amin(weight).reshape(1), torch.amax(weight).reshape(1)
-    x = weight
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-        x = x.float()
-    if args.strategy == S.CHANNEL:
-        lo, hi = torch.amin(x, dim=-1, keepdim=True), torch.amax(x, dim=-1, keepdim=True)
-    elif args.strategy in (S.GROUP, S.TENSOR_GROUP):
-        if weight.shape[-1] % args.group_size:
-            raise ValueError(
-                f"{weight.shape[-1]} columns are not divisible by group size {args.group_size}"
-            )
-        groups = x.unflatten(-1, (-1, args.group_size))
-        lo, hi = torch.amin(groups, dim=-1), torch.amax(groups, dim=-1)
-    elif args.strategy == S.BLOCK:
-        bh, bw = args.block_structure
-        padded = maybe_pad_tensor_for_block_quant(x, tuple(args.block_structure))
-        rows, cols = padded.shape
-        blocks = padded.view(rows // bh, bh, cols // bw, bw)
-        lo, hi = torch.amin(blocks, dim=(1, 3)), torch.amax(blocks, dim=(1, 3))
-    else:
-        raise ValueError(f"strategy {args.strategy} cannot be applied to weights")
-    return lo.to(weight.dtype), hi.to(weight.dtype)
+# Values times steps of an MSE search's run of groups: its per-step terms stay in cache.
+SEARCH_TERMS = 1 << 19
 
 
 def scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -143,14 +110,17 @@ def _layout(shape: tuple[int, ...], dtype: str, scheme_json: str) -> dict[str, t
     return {name: (dt, shp) for name, dt, shp in meta_outputs(shape, dtype, scheme)}
 
 
-def _global_scale(weights: list[torch.Tensor]) -> torch.Tensor:
-    """The TENSOR_GROUP (NVFP4) global scale shared by `weights`, as llm-compressor fuses it."""
+def _global_scale(ranges: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The TENSOR_GROUP (NVFP4) global scale shared by weights observed as (min, max) `ranges`.
+
+    As llm-compressor fuses it: from the largest magnitude of all the members'
+    observed ranges (after an MSE search, the searched ones).
+    """
     from compressed_tensors.quantization.utils import generate_gparam
 
     absmax = None
-    for w in weights:
-        lo, hi = torch.aminmax(w)
-        m = torch.max(-lo, hi)
+    for lo, hi in ranges:
+        m = torch.max(-lo.min(), hi.max())
         absmax = m if absmax is None else torch.max(absmax, m)
     return generate_gparam(-absmax.reshape(1), absmax.reshape(1))
 
@@ -315,19 +285,25 @@ def _pool() -> ThreadPoolExecutor:
     )
 
 
-def _compress_rows(weight, r0: int, r1: int, *, args, compress, whole: dict) -> Tensors:
+def _compress_rows(weight, r0: int, r1: int, *, args, compress, whole: dict, ranges) -> Tensors:
     """Compressed state dict of rows [r0, r1) of `weight`.
 
     `whole` holds parameters computed on the whole weight (global scale, or
     the per-tensor scale and zero point); everything else comes from the
-    chunk's own min and max, which are those of its rows in the whole weight.
+    chunk's own min and max: those of its rows in the whole weight, or their
+    rows of `ranges`, the whole weight's searched (min, max).
     """
+    from compressed_tensors.quantization import QuantizationStrategy as S
     from compressed_tensors.quantization.utils import calculate_qparams
 
     part = weight[r0:r1]
     state = {"weight": part, **whole}
     if "weight_scale" not in whole:
-        lo, hi = observe(part, args)
+        if ranges is None:
+            lo, hi = observe(part, args)
+        else:
+            bh = args.block_structure[0] if args.strategy == S.BLOCK else 1
+            lo, hi = (t[r0 // bh : -(-r1 // bh)] for t in ranges)
         scale, zero_point = calculate_qparams(
             lo, hi, args, global_scale=whole.get("weight_global_scale")
         )
@@ -337,6 +313,15 @@ def _compress_rows(weight, r0: int, r1: int, *, args, compress, whole: dict) -> 
     return compress(state)
 
 
+def searched(weight: torch.Tensor, args, search) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) per scale element after an MSE observer's search, runs of groups on the pool."""
+    from compressed_tensors.quantization import QuantizationStrategy as S
+
+    if weight.device.type != "cpu" or args.strategy == S.TENSOR:  # one group: torch's threads
+        return searched_minmax(weight, args, search)
+    return searched_minmax(weight, args, search, _pool().map, SEARCH_TERMS)
+
+
 @torch.no_grad()
 def quantize_weights(
     weights: list[torch.Tensor], scheme, chunk_elements: int = CHUNK_ELEMENTS
@@ -344,28 +329,34 @@ def quantize_weights(
     """Compressed state dicts (local names: weight_packed, weight_scale, ...) of `weights`.
 
     The weights share one global scale when the scheme has one (NVFP4): pass
-    all members of a fused set together. Each weight is observed, quantized
-    and compressed in row chunks of about `chunk_elements` elements, which
-    gives the bytes compressed-tensors gives for the whole weight.
+    all members of a fused set together. Each weight is observed (min-max, or
+    the scheme's MSE search over the whole weight), then quantized and
+    compressed in row chunks of about `chunk_elements` elements, which gives
+    the bytes compressed-tensors gives for the whole weight.
     """
     from compressed_tensors.quantization import QuantizationStrategy as S
     from compressed_tensors.quantization.utils import calculate_qparams
 
     args = scheme.weights
     compress = compress_function(scheme)
+    search = search_of(args.observer, args.observer_kwargs)
+    ranges = [searched(w, args, search) if search and not w.is_meta else None for w in weights]
     whole = {}
     if args.strategy == S.TENSOR_GROUP:
-        whole["weight_global_scale"] = _global_scale(weights).to(torch.float32)
+        observed = [r or torch.aminmax(w) for r, w in zip(ranges, weights, strict=True)]
+        whole["weight_global_scale"] = _global_scale(observed).to(torch.float32)
     out = []
-    for w in weights:
+    for w, found in zip(weights, ranges, strict=True):
         shared = dict(whole)
         if args.strategy == S.TENSOR:
-            scale, zero_point = calculate_qparams(*observe(w, args), args)
+            scale, zero_point = calculate_qparams(*(found or observe(w, args)), args)
             shared["weight_scale"] = scale.to(scale_dtype(w.dtype))
             if not args.symmetric:
                 shared["weight_zero_point"] = zero_point.to(args.zp_dtype)
         chunks = row_chunks(w, args, chunk_elements)
-        rows = functools.partial(_compress_rows, w, args=args, compress=compress, whole=shared)
+        rows = functools.partial(
+            _compress_rows, w, args=args, compress=compress, whole=shared, ranges=found
+        )
         if len(chunks) == 1:
             out.append(rows(*chunks[0]))
             continue

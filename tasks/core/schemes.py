@@ -7,10 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from storage.errors import PtqflowError
-
-# Weight observers that all reduce to "min and max of the weight" for a single
-# observation, which is what model-free PTQ computes.
-MINMAX_OBSERVERS = (None, "minmax", "static_minmax", "memoryless_minmax")
+from tasks.core.observers import check_observer, warn_alias
 
 
 def data_free_presets() -> list[str]:
@@ -61,11 +58,13 @@ def load_config_file(path: str | Path):
         raise PtqflowError(f"config file {p} is not a valid QuantizationConfig:\n{e}") from None
 
 
-def resolve_config(scheme=None, config=None, ignore: Iterable[str] = ()):
+def resolve_config(scheme=None, config=None, ignore: Iterable[str] = (), observer=None):
     """The QuantizationConfig to apply, from a preset name / scheme or a config.
 
     `config` may be a QuantizationConfig, a dict, or a path to a YAML/JSON file.
-    Schemes that need calibration are refused here, before any work.
+    `observer` names the weight observer of a preset (a config names its own).
+    Schemes that need calibration, and observers that need activations, are
+    refused here, before any work.
     """
     from compressed_tensors.quantization import (
         QuantizationConfig,
@@ -77,6 +76,11 @@ def resolve_config(scheme=None, config=None, ignore: Iterable[str] = ()):
 
     if (scheme is None) == (config is None):
         raise PtqflowError("give exactly one of --scheme or --config")
+    if observer is not None and config is not None:
+        raise PtqflowError(
+            "--observer goes with --scheme; with --config, set observer (and observer_kwargs) "
+            "in the weights of each config group"
+        )
     if scheme is not None:
         if isinstance(scheme, QuantizationScheme):
             name, resolved = "config_group_0", scheme.model_copy(deep=True)
@@ -88,6 +92,8 @@ def resolve_config(scheme=None, config=None, ignore: Iterable[str] = ()):
                 )
             _refuse_calibrated(name, PRESET_SCHEMES[name])
             resolved = preset_name_to_scheme(name, [])
+        if observer is not None:
+            resolved.weights.observer = observer
         config = QuantizationConfig(
             config_groups={name: resolved},
             quantization_status=QuantizationStatus.INITIALIZED,
@@ -142,11 +148,9 @@ def _check_scheme(group: str, scheme) -> None:
             f"config group {group!r} asks for static {which.replace('_', ' ')}, which "
             "needs calibration data; make them dynamic or drop them"
         )
-    if scheme.weights.observer not in MINMAX_OBSERVERS:
-        raise PtqflowError(
-            f"config group {group!r} uses weight observer {scheme.weights.observer!r}; "
-            "model-free quantization supports only min-max observers"
-        )
+    weights = scheme.weights
+    check_observer(weights.observer, weights.observer_kwargs, f"config group {group!r}")
+    warn_alias(weights.observer)
     if scheme.weights.actorder is not None:
         raise PtqflowError(
             f"config group {group!r} sets actorder, which needs GPTQ calibration; remove it"

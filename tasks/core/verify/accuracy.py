@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from tasks.core.compress import Tensors, observe, quantize_weights
+from tasks.core.compress import Tensors, quantize_weights
+from tasks.core.observers import observe
 from tasks.core.schemes import scheme_format
 from tasks.core.verify.records import ZERO_BLOCK_FLOOR
 

@@ -1,0 +1,302 @@
+"""Weight observers: min-max, and llm-compressor's MSE grid search, bit for bit.
+
+An observer only decides the min and max of each scale element (row, group or
+block); compressed-tensors' `calculate_qparams` turns them into scales as
+usual. The MSE observers of llm-compressor 0.14 (observers/mse.py and
+mse_quant.py, its CPU path) search shrink factors of the observed range:
+
+    min0, max0 = amin(x) * expand, amax(x) * expand        (in the weight's dtype D)
+    for i in range(int(maxshrink * grid)):
+        lo, hi = min0 * (1 - i / grid), max0 * (1 - i / grid)
+        scale, zero = calculate_qparams(lo, hi)            (NVFP4: no FP8 rounding, no global scale)
+        error = sum(|fake_quant(x) - x| ** norm)           (every op rounded to D)
+        keep lo, hi of every group whose error is strictly below its best so far
+        stop after `patience` steps in which no group of the weight improved
+
+Every operation is rounded to D as torch rounds it (a bf16 `pow` even uses
+the exponent rounded to bf16), and changing any rounding changes the choice
+of many groups, so this module keeps the operands and dtypes exactly. What it
+changes is the order of work: each row chunk runs all steps while it is in
+cache, on its own core, and the stop rule, which needs every group of the
+weight, is applied afterwards to the recorded errors (`choose`). For bfloat16
+on the CPU, the per-element arithmetic runs in one compiled loop
+(tasks/core/mse_kernel.py) instead of a dozen passes of torch operations.
+
+`mse` is a single observation here, so it is `memoryless_mse` (llm-compressor's
+model_free_ptq renames it to a `static_mse` that does not exist and fails).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass, fields
+
+import torch
+
+from storage.errors import PtqflowError
+
+MINMAX = ("minmax", "static_minmax", "memoryless_minmax")
+# observers that weigh the error with activation statistics, which model-free runs do not have
+NEEDS_ACTIVATIONS = ("imatrix_mse", "nvfp4_expanded_imatrix")
+FOUROVERSIX_WARNING = (
+    "The 'fouroversix' observer is an alias for 'nvfp4_expanded_mse' and will be removed in a "
+    "future release. Please use 'nvfp4_expanded_mse' instead."
+)
+
+
+@dataclass(frozen=True)
+class Search:
+    """An MSE observer's grid: `int(maxshrink * grid)` shrink steps of `1 / grid` each."""
+
+    maxshrink: float = 0.2
+    patience: int = 5
+    grid: float = 100.0
+    norm: float = 2.4
+    expand: float = 1.0
+
+    @property
+    def factors(self) -> list[float]:
+        return [1 - i / self.grid for i in range(int(self.maxshrink * self.grid))]
+
+
+SEARCHES = {
+    "memoryless_mse": Search(),
+    "mse": Search(),
+    "nvfp4_expanded_mse": Search(maxshrink=1 - 0.8 / 1.8, patience=1000, grid=200.0, expand=1.8),
+}
+ALIASES = {"fouroversix": "nvfp4_expanded_mse"}
+KNOWN = (*MINMAX, *SEARCHES, *ALIASES)
+
+
+def observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of `weight` per scale element (llm-compressor's min-max observer).
+
+    Reduces strided views in place of the observer's transposed copies: min and
+    max are exact in any order, so the values are the observer's. On the CPU,
+    16-bit weights are reduced per row, group or block as float32, which torch
+    reduces 1.5-3x faster; both conversions are exact.
+    """
+    from compressed_tensors.quantization import QuantizationStrategy as S
+    from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
+
+    if args.strategy == S.TENSOR:
+        return torch.amin(weight).reshape(1), torch.amax(weight).reshape(1)
+    x = weight
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
+    if args.strategy == S.CHANNEL:
+        lo, hi = torch.amin(x, dim=-1, keepdim=True), torch.amax(x, dim=-1, keepdim=True)
+    elif args.strategy in (S.GROUP, S.TENSOR_GROUP):
+        if weight.shape[-1] % args.group_size:
+            raise ValueError(
+                f"{weight.shape[-1]} columns are not divisible by group size {args.group_size}"
+            )
+        groups = x.unflatten(-1, (-1, args.group_size))
+        lo, hi = torch.amin(groups, dim=-1), torch.amax(groups, dim=-1)
+    elif args.strategy == S.BLOCK:
+        bh, bw = args.block_structure
+        padded = maybe_pad_tensor_for_block_quant(x, tuple(args.block_structure))
+        rows, cols = padded.shape
+        blocks = padded.view(rows // bh, bh, cols // bw, bw)
+        lo, hi = torch.amin(blocks, dim=(1, 3)), torch.amax(blocks, dim=(1, 3))
+    else:
+        raise ValueError(f"strategy {args.strategy} cannot be applied to weights")
+    return lo.to(weight.dtype), hi.to(weight.dtype)
+
+
+def observer_name(name: str | None) -> str:
+    """The registry's spelling: compressed-tensors looks names up lower case, with '_' for '-'."""
+    return (name or "memoryless_minmax").lower().replace("-", "_").replace(" ", "_")
+
+
+def check_observer(name: str | None, kwargs: dict | None, where: str) -> None:
+    """Refuse, naming `where`, an observer model-free quantization cannot run or its bad kwargs."""
+    key = observer_name(name)
+    if key in NEEDS_ACTIVATIONS:
+        raise PtqflowError(
+            f"{where} uses observer {name!r}, which weighs errors by activation statistics; "
+            "model-free quantization has no activations. Use memoryless_mse or "
+            "nvfp4_expanded_mse, or llm-compressor's oneshot with a dataset."
+        )
+    if key not in KNOWN:
+        raise PtqflowError(
+            f"{where} uses unknown weight observer {name!r}; use one of {', '.join(KNOWN)}"
+        )
+    if key in MINMAX:
+        return
+    allowed = {f.name for f in fields(Search)}
+    unknown = sorted(set(kwargs or {}) - allowed)
+    if unknown:
+        raise PtqflowError(
+            f"{where}: observer_kwargs {', '.join(unknown)} are not read by {name}; "
+            f"it reads {', '.join(sorted(allowed))}"
+        )
+    search = search_of(name, kwargs)
+    if search.expand < 1.0:
+        raise PtqflowError(f"{where}: observer_kwargs expand must be at least 1.0")
+    if not search.factors:
+        raise PtqflowError(f"{where}: observer_kwargs give no step (int(maxshrink * grid) is 0)")
+
+
+def search_of(name: str | None, kwargs: dict | None) -> Search | None:
+    """The grid search an observer runs, or None for min-max."""
+    key = observer_name(name)
+    if key in MINMAX:
+        return None
+    base = SEARCHES[ALIASES.get(key, key)]
+    values = {f.name: getattr(base, f.name) for f in fields(Search)}
+    values.update(kwargs or {})
+    return Search(**values)
+
+
+def warn_alias(name: str | None) -> None:
+    if observer_name(name) == "fouroversix":
+        warnings.warn(FOUROVERSIX_WARNING, UserWarning, stacklevel=3)
+
+
+def search_args(args):
+    """The arguments candidates are quantized with: NVFP4's are searched without FP8 scales."""
+    from compressed_tensors.quantization import QuantizationStrategy as S
+
+    if args.strategy == S.TENSOR_GROUP and args.scale_dtype is not None:
+        return args.model_copy(update={"scale_dtype": None})
+    return args
+
+
+def grouped(weight: torch.Tensor, args) -> torch.Tensor:
+    """`weight` as llm-compressor's flatten_for_calibration shapes it: (1, *scale shape, values)."""
+    from compressed_tensors.quantization import QuantizationStrategy as S
+    from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
+
+    if args.strategy == S.TENSOR:
+        return weight.reshape(1, 1, -1)
+    if args.strategy == S.CHANNEL:
+        return weight.unsqueeze(-2).unsqueeze(0)
+    if args.strategy in (S.GROUP, S.TENSOR_GROUP):
+        return weight.unflatten(-1, (-1, args.group_size)).unsqueeze(0)
+    if args.strategy == S.BLOCK:
+        bh, bw = args.block_structure
+        padded = maybe_pad_tensor_for_block_quant(weight, (bh, bw))
+        rows, cols = padded.shape
+        blocks = padded.reshape(rows // bh, bh, cols // bw, bw).transpose(1, 2)
+        return blocks.flatten(-2, -1).unsqueeze(0)
+    raise ValueError(f"strategy {args.strategy} cannot be applied to weights")
+
+
+def candidates(lo: torch.Tensor, hi: torch.Tensor, args, search: Search):
+    """Every step's min, max, scale and zero point: (steps, *scale shape) each."""
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    lo = torch.stack([lo * p for p in search.factors])
+    hi = torch.stack([hi * p for p in search.factors])
+    scale, zero = calculate_qparams(lo, hi, search_args(args))
+    return lo, hi, scale, zero.to(lo.dtype)
+
+
+def errors(values: torch.Tensor, scale, zero, args, norm: float) -> torch.Tensor:
+    """Error of every step (rows) and group (columns): values (groups, n), scale (steps, groups)."""
+    mse_kernel = _kernel_module()
+    if mse_kernel is not None and mse_kernel.handles(values):
+        return mse_kernel.errors(values, scale, zero, args, norm)
+    steps = zip(scale, zero, strict=True)
+    return torch.stack([_error(values, s, z, args, norm) for s, z in steps])
+
+
+@functools.cache
+def _kernel_module():
+    """tasks.core.mse_kernel, or None where numba is missing (torch computes the same errors)."""
+    try:
+        from tasks.core import mse_kernel
+    except ImportError:
+        return None
+    return mse_kernel
+
+
+def _error(x: torch.Tensor, scale, zero, args, norm: float) -> torch.Tensor:
+    """Σ|fake_quant(x) - x|^norm per group, with compressed-tensors' operations and dtypes.
+
+    As compressed-tensors' fake_quantize: x / scale (+ zero point), clamp,
+    round onto the grid, (- zero point) * scale; a symmetric zero point is 0
+    and adding or subtracting it changes no value but the sign of a zero,
+    which the error does not see.
+    """
+    from compressed_tensors.quantization.utils import calculate_range
+
+    lo, hi = (float(v) for v in calculate_range(args, x.device))
+    scale = scale.unsqueeze(-1)
+    y = x / scale
+    if not args.symmetric:
+        y += zero.unsqueeze(-1)
+    y.clamp_(lo, hi)
+    if args.type == "int":
+        y.round_()
+    elif args.num_bits == 8:
+        y = y.to(torch.float8_e4m3fn).to(x.dtype)
+    else:
+        y = fp4_values(y)
+    if not args.symmetric:
+        y -= zero.unsqueeze(-1)
+    return (y * scale - x).abs_().pow_(norm).sum(dim=-1)
+
+
+FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def fp4_values(y: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' cast_to_fp4 of y: the nearest FP4 value, ties to the even code."""
+    from tasks.core.compress import FP4_STEPS
+
+    a = y.abs()
+    code = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
+    for boundary, up in FP4_STEPS:
+        code += a >= boundary if up else a > boundary
+    magnitude = torch.tensor(FP4_MAGNITUDES, dtype=y.dtype, device=y.device)[code.long()]
+    return torch.where(y < 0, -magnitude, magnitude)
+
+
+def choose(err: torch.Tensor, search: Search) -> torch.Tensor:
+    """The step each group keeps: its first strictly smallest error, up to the stop.
+
+    The search stops after `patience` consecutive steps in which no group of
+    the whole weight improved; errors start from the dtype's largest value.
+    """
+    best = torch.full(err.shape[1:], torch.finfo(err.dtype).max, dtype=err.dtype)
+    step = torch.zeros(err.shape[1:], dtype=torch.long)
+    stale = 0
+    for i, e in enumerate(err):
+        better = e < best
+        if better.any():
+            best = torch.where(better, e, best)
+            step[better] = i
+            stale = 0
+        else:
+            stale += 1
+            if stale >= search.patience:
+                break
+    return step
+
+
+def searched_minmax(weight: torch.Tensor, args, search: Search, parallel=map, budget=None):
+    """Min and max per scale element of `weight` after the search, in the weight's dtype.
+
+    Errors are computed for runs of groups of about `budget` values times
+    steps at once (all groups at once if None), mapped with `parallel` (the
+    quantize worker pool); the stop rule then sees every group's errors.
+    """
+    x = grouped(weight, args)
+    lo = torch.amin(x, dim=(0, -1)) * search.expand
+    hi = torch.amax(x, dim=(0, -1)) * search.expand
+    lo, hi, scale, zero = candidates(lo, hi, args, search)
+    values = x.reshape(-1, x.shape[-1])
+    scale, zero = scale.reshape(len(scale), -1), zero.reshape(len(zero), -1)
+    count = len(values)
+    run = count if budget is None else max(1, budget // (len(scale) * values.shape[1]))
+
+    def one(start: int) -> torch.Tensor:
+        part = slice(start, start + run)
+        return errors(values[part], scale[:, part], zero[:, part], args, search.norm)
+
+    err = torch.cat(list(parallel(one, range(0, count, run))), dim=1).reshape(lo.shape)
+    pick = choose(err, search).unsqueeze(0)
+    return lo.gather(0, pick)[0], hi.gather(0, pick)[0]
