@@ -91,10 +91,17 @@ def test_the_stop_rule_sees_every_group_of_the_weight(monkeypatch):
     w = heavy_tailed(4, 256, seed=8)
     x = observers.grouped(w, args)
     lo, hi = torch.amin(x, dim=(0, -1)), torch.amax(x, dim=(0, -1))
-    _, _, scale, zero = observers.candidates(lo, hi, args, search)
+    _, _, scale, zero = observers.candidates(lo, hi, args, search.factors)
     err = observers.errors(x.reshape(4, 256), scale.reshape(20, 4), zero.reshape(20, 4), args, 2.4)
-    everything = observers.Search(patience=len(err))
-    assert not torch.equal(observers.choose(err, search), observers.choose(err, everything))
+    best = torch.full((4,), torch.finfo(err.dtype).max, dtype=err.dtype)
+    everything = torch.zeros(4, dtype=torch.long)
+    improved = observers.advance(err, best, everything, 0).tolist()
+    end = next(i for i in range(1, len(improved)) if not improved[i])  # patience 1
+    assert end < len(err) - 1 and any(improved[end + 1 :]), "no early stop to test"
+    best = torch.full((4,), torch.finfo(err.dtype).max, dtype=err.dtype)
+    stopped = torch.zeros(4, dtype=torch.long)
+    observers.advance(err[: end + 1], best, stopped, 0)
+    assert not torch.equal(stopped, everything)
     monkeypatch.setattr(compress, "SEARCH_TERMS", 20 * 256)  # one row per run
     (got,) = quantize_weights([w], s)
     assert_same_bytes(got, reference_compress([w], s)[0])
@@ -171,6 +178,7 @@ def test_observer_goes_with_a_preset_and_fouroversix_warns():
     )
 
 
+@pytest.mark.slow
 def test_checkpoint_records_the_observer_and_verify_reruns_it(tmp_path):
     from tasks.core.verify import verify
 

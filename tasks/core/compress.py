@@ -30,8 +30,9 @@ Tensors = dict[str, torch.Tensor]
 
 # Elements per row chunk: a chunk's input and intermediates stay in a core's L2 cache.
 CHUNK_ELEMENTS = 1 << 20
-# Values times steps of an MSE search's run of groups: its per-step terms stay in cache.
-SEARCH_TERMS = 1 << 19
+# Values times steps of an MSE search's run of groups (16 MiB of error terms per worker):
+# fewer, larger runs spend less time in Python between the compiled loops.
+SEARCH_TERMS = 1 << 23
 
 
 def scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:

@@ -16,9 +16,9 @@ mse_quant.py, its CPU path) search shrink factors of the observed range:
 Every operation is rounded to D as torch rounds it (a bf16 `pow` even uses
 the exponent rounded to bf16), and changing any rounding changes the choice
 of many groups, so this module keeps the operands and dtypes exactly. What it
-changes is the order of work: each row chunk runs all steps while it is in
+changes is the order of work: each run of groups goes through all steps while in
 cache, on its own core, and the stop rule, which needs every group of the
-weight, is applied afterwards to the recorded errors (`choose`). For bfloat16
+weight, is applied to what every run reports (`searched_minmax`). For bfloat16
 on the CPU, the per-element arithmetic runs in one compiled loop
 (tasks/core/mse_kernel.py) instead of a dozen passes of torch operations.
 
@@ -29,6 +29,7 @@ model_free_ptq renames it to a `static_mse` that does not exist and fails).
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass, fields
 
@@ -184,12 +185,12 @@ def grouped(weight: torch.Tensor, args) -> torch.Tensor:
     raise ValueError(f"strategy {args.strategy} cannot be applied to weights")
 
 
-def candidates(lo: torch.Tensor, hi: torch.Tensor, args, search: Search):
-    """Every step's min, max, scale and zero point: (steps, *scale shape) each."""
+def candidates(lo: torch.Tensor, hi: torch.Tensor, args, factors: list[float]):
+    """Each shrink factor's min, max, scale and zero point: (steps, *scale shape) each."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    lo = torch.stack([lo * p for p in search.factors])
-    hi = torch.stack([hi * p for p in search.factors])
+    lo = torch.stack([lo * p for p in factors])
+    hi = torch.stack([hi * p for p in factors])
     scale, zero = calculate_qparams(lo, hi, search_args(args))
     return lo, hi, scale, zero.to(lo.dtype)
 
@@ -255,48 +256,57 @@ def fp4_values(y: torch.Tensor) -> torch.Tensor:
     return torch.where(y < 0, -magnitude, magnitude)
 
 
-def choose(err: torch.Tensor, search: Search) -> torch.Tensor:
-    """The step each group keeps: its first strictly smallest error, up to the stop.
+def advance(err: torch.Tensor, best: torch.Tensor, step: torch.Tensor, first: int) -> torch.Tensor:
+    """Go through steps `first`, `first` + 1, ... with errors `err` (steps, groups).
 
-    The search stops after `patience` consecutive steps in which no group of
-    the whole weight improved; errors start from the dtype's largest value.
+    `best` (each group's smallest error so far, in the errors' dtype) and
+    `step` (where it was first reached) are updated in place; returns whether
+    any group improved at each step. An error improves only when strictly
+    smaller, and NaN never does, like infinity.
     """
-    best = torch.full(err.shape[1:], torch.finfo(err.dtype).max, dtype=err.dtype)
-    step = torch.zeros(err.shape[1:], dtype=torch.long)
-    stale = 0
-    for i, e in enumerate(err):
-        better = e < best
-        if better.any():
-            best = torch.where(better, e, best)
-            step[better] = i
-            stale = 0
-        else:
-            stale += 1
-            if stale >= search.patience:
-                break
-    return step
+    e = err.nan_to_num(nan=math.inf)
+    running = torch.cummin(torch.cat([best[None], e]), dim=0).values
+    improved = (e < running[:-1]).any(dim=1)
+    lower = running[-1] < best
+    step[lower] = first + torch.argmin(e[:, lower], dim=0)  # the first of equal smallest errors
+    best.copy_(running[-1])
+    return improved
 
 
 def searched_minmax(weight: torch.Tensor, args, search: Search, parallel=map, budget=None):
     """Min and max per scale element of `weight` after the search, in the weight's dtype.
 
-    Errors are computed for runs of groups of about `budget` values times
-    steps at once (all groups at once if None), mapped with `parallel` (the
-    quantize worker pool); the stop rule then sees every group's errors.
+    Steps go in windows that end where the stop rule could first end the
+    search (`patience` steps after the last improvement of any group), so no
+    step past the stop is computed. In a window, runs of groups of about
+    `budget` values times steps (all groups if None) are mapped with
+    `parallel` (the quantize worker pool); each keeps only its groups' best
+    error and step, so memory stays bounded by the weight.
     """
     x = grouped(weight, args)
     lo = torch.amin(x, dim=(0, -1)) * search.expand
     hi = torch.amax(x, dim=(0, -1)) * search.expand
-    lo, hi, scale, zero = candidates(lo, hi, args, search)
-    values = x.reshape(-1, x.shape[-1])
-    scale, zero = scale.reshape(len(scale), -1), zero.reshape(len(zero), -1)
-    count = len(values)
-    run = count if budget is None else max(1, budget // (len(scale) * values.shape[1]))
+    values, lo_, hi_ = x.reshape(-1, x.shape[-1]), lo.reshape(-1), hi.reshape(-1)
+    count, factors = len(values), search.factors
+    best = torch.full((count,), torch.finfo(lo.dtype).max, dtype=lo.dtype)
+    step = torch.zeros(count, dtype=torch.long)
+    done, stale = 0, 0
+    # the search ends on a step no group improved at, once `patience` steps in a row were so
+    while done < len(factors) and not (stale and stale >= search.patience):
+        window = factors[done : done + max(1, search.patience - stale)]
+        run = count if budget is None else max(1, budget // (len(window) * values.shape[1]))
 
-    def one(start: int) -> torch.Tensor:
-        part = slice(start, start + run)
-        return errors(values[part], scale[:, part], zero[:, part], args, search.norm)
+        def one(start: int, window=window, first=done, run=run) -> torch.Tensor:
+            part = slice(start, start + run)
+            _, _, scale, zero = candidates(lo_[part], hi_[part], args, window)
+            err = errors(values[part], scale, zero, args, search.norm)
+            return advance(err, best[part], step[part], first)
 
-    err = torch.cat(list(parallel(one, range(0, count, run))), dim=1).reshape(lo.shape)
-    pick = choose(err, search).unsqueeze(0)
-    return lo.gather(0, pick)[0], hi.gather(0, pick)[0]
+        improved = torch.stack(list(parallel(one, range(0, count, run)))).any(dim=0)
+        for any_better in improved.tolist():
+            stale = 0 if any_better else stale + 1
+        done += len(window)
+    # lo * p as torch multiplies a tensor by a Python number: in float32 (float64 for float64)
+    opmath = torch.float64 if lo.dtype == torch.float64 else torch.float32
+    factor = torch.tensor(factors, dtype=opmath)[step]
+    return tuple((t.to(opmath) * factor).to(lo.dtype).reshape(lo.shape) for t in (lo_, hi_))

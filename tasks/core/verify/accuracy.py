@@ -13,6 +13,17 @@ from tasks.core.schemes import scheme_format
 from tasks.core.verify.records import ZERO_BLOCK_FLOOR
 
 
+def dequantized(stored: Tensors, scheme, shape) -> torch.Tensor:
+    """The weight compressed-tensors decompresses from `stored` (local names), of `shape`."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    state = dict(stored)
+    if "weight_shape" in state:  # a wrong one is check_exactness's finding; don't unpack by it
+        state["weight_shape"] = torch.tensor(shape)
+    compressor = BaseCompressor.get_value_from_registry(scheme_format(scheme))
+    return compressor.decompress(state, scheme)["weight"]
+
+
 def check_accuracy(
     name: str, weight: torch.Tensor, stored: Tensors, scheme, limit: float
 ) -> tuple[float, list[str]]:
@@ -21,14 +32,8 @@ def check_accuracy(
 
     `stored` holds the compressed tensors under their local names (weight_packed, ...).
     """
-    from compressed_tensors.compressors import BaseCompressor
-
-    state = dict(stored)
-    if "weight_shape" in state:  # a wrong one is check_exactness's finding; don't unpack by it
-        state["weight_shape"] = torch.tensor(weight.shape)
-    compressor = BaseCompressor.get_value_from_registry(scheme_format(scheme))
     try:
-        deq = compressor.decompress(state, scheme)["weight"].float()
+        deq = dequantized(stored, scheme, weight.shape).float()
     except (RuntimeError, ValueError) as e:
         return math.nan, [f"{name}: compressed-tensors cannot dequantize it ({e})"]
     w = weight.float()
