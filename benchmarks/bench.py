@@ -37,6 +37,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from tasks.core.cpus import usable_cpus  # noqa: E402  (no torch: the parent stays small)
+
 DEFAULT_SCHEMES = "FP8_BLOCK,FP8_DYNAMIC,W4A16,NVFP4A16"
 STAGES = ("read", "quantize", "write", "upload")
 
@@ -302,7 +306,8 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(work / "prefect-home"))
     print(
-        f"source {src} ({source_bytes / 1e9:.2f} GB), {os.cpu_count()} CPUs, "
+        f"source {src} ({source_bytes / 1e9:.2f} GB), {usable_cpus()} usable CPUs "
+        f"(of {os.cpu_count()}), "
         f"max_workers {a.max_workers}, observer {a.observer or 'min-max'}, "
         f"tools: {', '.join(cmds)}" + (f" ({llmc})" if llmc else " (llm-compressor not found)"),
         flush=True,

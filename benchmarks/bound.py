@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -145,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     rates["end to end"] = end_to_end(src, plan, config.config_groups, device)
     bounds = {k: v for k, v in rates.items() if k in ("disk", "PCIe", "compute")}
     bound = min(bounds, key=bounds.get)
-    name = torch.cuda.get_device_name(device) if gpu else f"{os.cpu_count()} CPUs"
+    from tasks.core.cpus import usable_cpus
+
+    name = torch.cuda.get_device_name(device) if gpu else f"{usable_cpus()} usable CPUs"
     print(f"{a.scheme} on {device} ({name}), source {source_bytes(plan) / 1e9:.2f} GB ({src.name})")
     for k, v in rates.items():
         print(f"  {k:<11} {v:8.2f} GB/s")

@@ -19,6 +19,7 @@ from tasks.core.records import Summary
 from tasks.core.schemes import resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "flows.cli"]  # `ptqflow`, from this checkout
 
 
 IGNORE = ["lm_head", "re:.*mlp.gate$", "model.embed_tokens"]
@@ -112,7 +113,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`ptqflow ARGS` in a fresh process, as a user runs it."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [*CLI, *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -18,7 +18,16 @@ import pytest
 from flows.results import stored_manifest
 from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint
-from tests.helpers import IGNORE, ROOT, files, quantize_folder, remote_files, run, upload_folder
+from tests.helpers import (
+    CLI,
+    IGNORE,
+    ROOT,
+    files,
+    quantize_folder,
+    remote_files,
+    run,
+    upload_folder,
+)
 
 pytestmark = pytest.mark.slow  # Prefect servers, workers, subprocesses
 
@@ -139,9 +148,7 @@ def test_kill_9_then_rerun_resumes_byte_identical(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=home, PYTHONPATH=str(ROOT))
     cmd = [
-        sys.executable,
-        "-m",
-        "flows.cli",
+        *CLI,
         "quantize",
         str(src),
         str(out),
@@ -231,9 +238,7 @@ def test_disk_full_stops_with_a_clear_error_and_the_rerun_resumes(tmp_path, smal
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "ph"))
     cmd = [
-        sys.executable,
-        "-m",
-        "flows.cli",
+        *CLI,
         "quantize",
         str(src),
         str(out),

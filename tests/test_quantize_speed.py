@@ -267,3 +267,26 @@ def test_bound_benchmark_names_the_slowest_stage(tmp_path, capsys):
     assert set(rates) == {"disk", "compute", "end to end"} and min(rates.values()) > 0
     assert result["bound"] == min(("disk", "compute"), key=rates.get)
     assert f"{result['bound']}-bound" in capsys.readouterr().out
+
+
+def test_worker_pools_count_the_cpus_this_process_may_use(tmp_path):
+    """The affinity mask, capped by the cgroup's quota (v2 cpu.max; v1 cfs_quota_us)."""
+    import os
+
+    from tasks.core.cpus import usable_cpus
+
+    mask = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path / "none") == mask
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == mask
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: one worker
+    assert usable_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text(f"{(mask + 7) * 100000} 100000\n")
+    assert usable_cpus(tmp_path) == mask  # a quota above the mask does not add CPUs
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(v1) == mask
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    assert usable_cpus(v1) == min(mask, 2)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from storage.safetensors import DTYPE_NAMES, DTYPES
+from tasks.core.cpus import usable_cpus
 from tasks.core.observers import observe, search_of, searched_minmax
 
 Tensors = dict[str, torch.Tensor]
@@ -269,7 +269,7 @@ def compress_function(scheme) -> Callable[[Tensors], Tensors]:
 
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
-    """One thread per core for row chunks, each running torch's ops on itself alone.
+    """One thread per usable CPU for row chunks, each running torch's ops on itself alone.
 
     Small ops split over torch's OpenMP threads end in a barrier each; on a
     busy machine one descheduled thread stalls the others at every op, which
@@ -279,7 +279,7 @@ def _pool() -> ThreadPoolExecutor:
     and the default for threads that have not run a parallel op yet.)
     """
     return ThreadPoolExecutor(
-        os.cpu_count() or 1,
+        usable_cpus(),
         thread_name_prefix="ptqflow-quantize",
         initializer=torch.set_num_threads,
         initargs=(1,),
