@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks.core.cpus import usable_cpus  # noqa: E402  (no torch: the parent stays small)
+from tasks.core.devices import usable_cpus  # noqa: E402  (no torch: the parent stays small)
 
 DEFAULT_SCHEMES = "FP8_BLOCK,FP8_DYNAMIC,W4A16,NVFP4A16"
 STAGES = ("read", "quantize", "write", "upload")

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     rates["end to end"] = end_to_end(src, plan, config.config_groups, device)
     bounds = {k: v for k, v in rates.items() if k in ("disk", "PCIe", "compute")}
     bound = min(bounds, key=bounds.get)
-    from tasks.core.cpus import usable_cpus
+    from tasks.core.devices import usable_cpus
 
     name = torch.cuda.get_device_name(device) if gpu else f"{usable_cpus()} usable CPUs"
     print(f"{a.scheme} on {device} ({name}), source {source_bytes(plan) / 1e9:.2f} GB ({src.name})")

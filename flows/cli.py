@@ -53,6 +53,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from flows.quantize import run_quantize
     from flows.server import prefect_server
     from storage.dest import Dest
+    from tasks.core.devices import check_devices
     from tasks.core.planner import plan_checkpoint
     from tasks.core.schemes import resolve_config
 
@@ -60,6 +61,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     if a.command == "dequantize":
         params["config"] = DEQUANTIZE
     # Check everything that can be checked from headers before Prefect starts.
+    check_devices(params["device"])
     plan, _ = plan_checkpoint(
         params["source"],
         resolve_config(
@@ -161,9 +163,11 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from flows.server import prefect_server
     from flows.verify import run_verify
     from storage.source import open_source
+    from tasks.core.devices import check_devices
     from tasks.core.verify import check_integrity, open_quantized
 
     # What makes verification impossible (no SOURCE, no quantization_config) before Prefect.
+    check_devices(a.device)
     check_integrity(open_source(a.source, a.revision), open_quantized(a.quantized))
     with prefect_server():
         result = run_verify(**options.VERIFY.values(a))

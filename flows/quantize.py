@@ -22,19 +22,13 @@ from flows.shards import run_shards
 from storage.dest import Dest
 from storage.errors import PtqflowError
 from storage.source import Folder
+from tasks.core.devices import check_devices
 from tasks.core.records import Summary
 from tasks.core.schemes import resolve_config
 from tasks.core.transfer import cache_dir_for
 from tasks.finalize import finalize_task
 from tasks.plan import plan_task
 from tasks.verify import verify_task
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
 
 TaskRunnerName = Literal[TASK_RUNNERS]
 SourceFormatName = Literal[SOURCE_FORMATS]
@@ -80,6 +74,7 @@ def quantize_checkpoint(
     is dequantized weight by weight on the way; a config without groups only dequantizes.
     """
     started = time.monotonic()
+    devices = check_devices(device)
     qconfig = resolve_config(scheme, config, ignore or [], observer)
     plan = plan_task(
         source,
@@ -91,7 +86,6 @@ def quantize_checkpoint(
     )
     dest = Dest(destination, private=private)
     dest.prepare(plan.source, overwrite)
-    devices = (device or default_device()).split(",")
     cache = cache_dir_for(Folder(plan.source), cache_dir)
     ordered = run_shards(
         plan,

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from storage.direct import sha256_file, sha256_stream
@@ -39,6 +40,22 @@ def default_state_dir() -> Path:
     layer needs no Prefect.
     """
     return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser() / "ptqflow"
+
+
+def _check_creatable(path: Path) -> None:
+    """Raise naming `path` if files cannot be made in it or in its nearest existing parent."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PtqflowError(f"destination {path} cannot be created: {existing} is not a folder")
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".ptqflow-probe-").cleanup()
+    except OSError as e:
+        raise PtqflowError(
+            f"destination {path} cannot be created in {existing} ({e.strerror}); "
+            "choose a folder you can write to"
+        ) from None
 
 
 class Dest:
@@ -83,15 +100,18 @@ class Dest:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listing)
 
     def check(self, source: str, overwrite: bool = False) -> None:
-        """Refuse a DEST that is not ours to write, without touching anything.
+        """Refuse a DEST that is not ours to write, changing nothing in it.
 
         DEST must be new, empty, or an earlier ptqflow output of the same source
         (a rerun resumes into it); `overwrite` allows any other DEST except one
-        that is, holds or lies inside a local SOURCE.
+        that is, holds or lies inside a local SOURCE. A local DEST must be
+        creatable: an empty folder is made and removed where it would go.
         """
         fs = self.folder.fs
         if fs.exists(self.folder.root) and not fs.isdir(self.folder.root):
             raise PtqflowError(f"destination {self.url} exists and is not a folder")
+        if self.folder.is_local:
+            _check_creatable(Path(self.folder.root))
         src = Folder(source)
         if src.is_local and self.folder.is_local:
             s, d = Path(src.root), Path(self.folder.root)

@@ -527,3 +527,57 @@ def test_subprocess_user_error_has_no_traceback(tmp_path, cols200):
         assert name in proc.stderr
     assert proc.stdout == ""
     assert_not_complete(dest)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ignore", "re:["], r"'re:\[' is not a valid regular expression"),
+        (["--device", "gpu"], r"--device 'gpu' is not a device; use cpu, cuda:N"),
+        (["--device", "cpu,cuda:7"], r"--device cuda:7: this machine has 2 GPU\(s\), cuda:0 to "),
+        (["--device", "mps"], r"--device mps: ptqflow runs on cpu or cuda:N"),
+    ],
+)
+def test_bad_options_named_before_any_work(capsys, tmp_path, flow_calls, sharded, args, message):
+    import torch
+
+    with pytest.MonkeyPatch.context() as mp:  # a machine with two GPUs
+        mp.setattr(torch.cuda, "device_count", lambda: 2)
+        mp.setattr(torch.cuda, "is_available", lambda: True)
+        msg = user_error(
+            capsys, ["quantize", sharded, tmp_path / "out", "--scheme", "W4A16", *args], flow_calls
+        )
+    assert re.search(message, msg), msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_device_without_a_gpu(capsys, tmp_path, flow_calls, sharded, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    argv = ["quantize", sharded, tmp_path / "out", "--scheme", "W4A16", "--device", "cuda:0"]
+    assert "no CUDA GPU that torch can use; use --device cpu" in user_error(
+        capsys, argv, flow_calls
+    )
+
+
+def test_config_json_that_is_not_json(capsys, tmp_path, flow_calls, copy_of):
+    src = copy_of()
+    (src / "config.json").write_text('{"model_type": "llama",')
+    msg = user_error(capsys, ["plan", src, "--scheme", "W4A16"], flow_calls)
+    assert msg.startswith(f"{src}/config.json is not valid JSON"), msg
+    (src / "config.json").write_text("[1, 2]")
+    msg = user_error(capsys, ["plan", src, "--scheme", "W4A16"], flow_calls)
+    assert "holds no JSON object" in msg
+
+
+def test_destination_that_cannot_be_created(capsys, tmp_path, flow_calls, sharded):
+    blocked = tmp_path / "file"
+    blocked.write_text("a file, not a folder")
+    for dest, why in [
+        (blocked / "out", "is not a folder"),
+        ("/proc/ptqflow/out", "cannot be created"),
+    ]:
+        argv = ["quantize", sharded, dest, "--scheme", "W4A16"]
+        msg = user_error(capsys, argv, flow_calls)
+        assert msg.startswith(f"destination {dest}") and why in msg, msg

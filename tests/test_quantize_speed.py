@@ -273,7 +273,7 @@ def test_worker_pools_count_the_cpus_this_process_may_use(tmp_path):
     """The affinity mask, capped by the cgroup's quota (v2 cpu.max; v1 cfs_quota_us)."""
     import os
 
-    from tasks.core.cpus import usable_cpus
+    from tasks.core.devices import usable_cpus
 
     mask = len(os.sched_getaffinity(0))
     assert usable_cpus(tmp_path / "none") == mask

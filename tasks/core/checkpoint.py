@@ -101,7 +101,16 @@ def load_source(folder: Folder) -> Source:
     files = folder.files()
     if CONFIG not in files:
         raise PtqflowError(f"{folder.url} has no config.json; is it a model folder?")
-    model_config = json.loads(folder.read_text(CONFIG))
+    try:
+        model_config = json.loads(folder.read_text(CONFIG))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PtqflowError(
+            f"{folder.path(CONFIG)} is not valid JSON ({e}); fix it or download it again"
+        ) from None
+    if not isinstance(model_config, dict):
+        raise PtqflowError(
+            f"{folder.path(CONFIG)} holds no JSON object; fix it or download it again"
+        )
     shards, weight_map = weight_files(folder, files)
     headers = read_headers(folder, shards)
     if weight_map is not None:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from storage.safetensors import DTYPE_NAMES, DTYPES
-from tasks.core.cpus import usable_cpus
+from tasks.core.devices import usable_cpus
 from tasks.core.observers import observe, search_of, searched_minmax
 
 Tensors = dict[str, torch.Tensor]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -114,7 +115,22 @@ def resolve_config(scheme=None, config=None, ignore: Iterable[str] = (), observe
             )
     for group, sch in config.config_groups.items():
         _check_scheme(group, sch)
+        _check_patterns(sch.targets, f"config group {group!r}'s targets")
+    _check_patterns(config.ignore, "--ignore (the config's ignore list)")
     return config
+
+
+def _check_patterns(patterns, where: str) -> None:
+    """Every 're:' pattern compiles, so a typo is named before any work."""
+    for p in patterns or []:
+        if isinstance(p, str) and p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise PtqflowError(
+                    f"{where}: {p!r} is not a valid regular expression ({e}); "
+                    "fix it (after 're:' comes a Python regex) or name the module exactly"
+                ) from None
 
 
 def _refuse_calibrated(name: str, args: dict) -> None:

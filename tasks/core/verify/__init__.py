@@ -22,10 +22,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import torch
-
 from storage.errors import PtqflowError
 from storage.source import open_source
+from tasks.core.devices import check_devices
 from tasks.core.records import ShardPlan
 from tasks.core.verify.accuracy import check_accuracy, error_limit
 from tasks.core.verify.exact import check_exactness, check_shard
@@ -83,7 +82,7 @@ def verify(
     out = open_quantized(quantized)
     integrity = check_integrity(src, out)
     v = integrity.verification
-    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = check_devices(device)[0]
     local = LocalFiles(cache_dir)
     shards = integrity.plan.shards
 

@@ -1,0 +1,70 @@
+"""The devices a run uses: named devices that exist, and the CPUs this process may use.
+
+os.cpu_count() is the host's: in a container limited to 8 CPUs on a 128-core
+host it says 128, and 128 busy threads then share 8 CPUs' worth of time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from storage.errors import PtqflowError
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def usable_cpus(cgroup: Path = CGROUP) -> int:
+    """CPUs of the affinity mask, at most the cgroup quota (v2 cpu.max, v1 cfs_quota_us)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = _quota(cgroup)
+    return max(1, min(count or 1, math.ceil(quota) if quota else count or 1))
+
+
+def _quota(cgroup: Path) -> float | None:
+    """The cgroup's CPU quota in CPUs, or None when unlimited or unknown."""
+    try:
+        text = (cgroup / "cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def check_devices(device: str | None) -> list[str]:
+    """The devices of `--device` (cpu, cuda:N, or several joined by commas), each checked to
+    exist here before any work; None is cuda:0 where there is a GPU, else the CPU."""
+    import torch
+
+    if not device:
+        return ["cuda:0" if torch.cuda.is_available() else "cpu"]
+    names = [d.strip() for d in device.split(",")]
+    for name in names:
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise PtqflowError(
+                f"--device {name!r} is not a device; use cpu, cuda:N or cuda:0,cuda:1"
+            ) from None
+        if dev.type not in ("cpu", "cuda"):
+            raise PtqflowError(f"--device {name}: ptqflow runs on cpu or cuda:N")
+        if dev.type == "cuda":
+            count = torch.cuda.device_count()
+            if not count:
+                raise PtqflowError(
+                    f"--device {name}: this machine has no CUDA GPU that torch can use; "
+                    "use --device cpu"
+                )
+            if dev.index is not None and dev.index >= count:
+                raise PtqflowError(
+                    f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+                )
+    return names
