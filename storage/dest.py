@@ -17,7 +17,7 @@ from pathlib import Path
 from storage.direct import sha256_file, sha256_stream
 from storage.errors import PtqflowError
 from storage.names import CONFIG, INDEX, partial_path
-from storage.source import Folder
+from storage.source import Folder, hub_errors
 
 MARKER = ".ptqflow/dest.json"
 DERIVED = (CONFIG, INDEX)
@@ -143,7 +143,8 @@ class Dest:
             from huggingface_hub import HfApi
 
             repo_id = self.folder.root.partition("@")[0]  # the repo may not exist yet
-            HfApi().create_repo(repo_id, private=self.private, exist_ok=True)
+            with hub_errors(f"destination {self.url}"):
+                HfApi().create_repo(repo_id, private=self.private, exist_ok=True)
             fs.invalidate_cache()  # it remembers that the repo did not exist
         if overwrite and fs.exists(self.folder.root):
             fs.rm(self.folder.root, recursive=True)

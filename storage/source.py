@@ -11,6 +11,8 @@ import hashlib
 import os
 import posixpath
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -152,11 +154,31 @@ def open_source(spec: str, revision: str | None = None) -> Folder:
     if not spec.startswith("hf://"):
         return Folder(spec)
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     repo_id, _, at = spec[len("hf://") :].partition("@")
-    try:
+    with hub_errors(f"Hub repo {repo_id}"):
         sha = HfApi().repo_info(repo_id, revision=revision or at or None).sha
-    except HfHubHTTPError as e:
-        raise PtqflowError(f"cannot open Hub repo {repo_id}: {e}") from None
     return Folder(f"hf://{repo_id}@{sha}")
+
+
+@contextmanager
+def hub_errors(what: str) -> Iterator[None]:
+    """Turn the Hub's answers and the network's failures into one message naming `what`."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise PtqflowError(
+            f"cannot open {what}: HF_HUB_OFFLINE is set, so the Hub is not asked. Unset it, "
+            "or give a local folder (a snapshot in the HF cache works)"
+        ) from None
+    except HfHubHTTPError as e:
+        raise PtqflowError(f"cannot open {what}: {e}") from None
+    except Exception as e:  # the network itself: name resolution, refused connections, timeouts
+        if not any(k in type(e).__name__ for k in ("Connect", "Timeout", "Network", "Transport")):
+            raise
+        raise PtqflowError(
+            f"cannot reach the Hugging Face Hub for {what} ({type(e).__name__}: {e}); "
+            "check the network (and HF_ENDPOINT), or give a local folder"
+        ) from None

@@ -581,3 +581,23 @@ def test_destination_that_cannot_be_created(capsys, tmp_path, flow_calls, sharde
         argv = ["quantize", sharded, dest, "--scheme", "W4A16"]
         msg = user_error(capsys, argv, flow_calls)
         assert msg.startswith(f"destination {dest}") and why in msg, msg
+
+
+def test_hub_source_while_offline_or_unreachable(capsys, flow_calls, monkeypatch):
+    """No network here: HF_HUB_OFFLINE (set by conftest) and a failing connection each give
+    one message. (Nothing is faked but the connection error, which is raised in its place.)"""
+    from huggingface_hub import HfApi, constants
+
+    argv = ["plan", "someorg/somemodel", "--scheme", "W4A16"]
+    if constants.HF_HUB_OFFLINE:
+        assert "HF_HUB_OFFLINE is set" in user_error(capsys, argv, flow_calls)
+
+    class ConnectError(Exception):  # how httpx names a refused connection
+        pass
+
+    def unreachable(self, *args, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "repo_info", unreachable)
+    msg = user_error(capsys, argv, flow_calls)
+    assert msg.startswith("cannot reach the Hugging Face Hub for Hub repo someorg/somemodel"), msg
