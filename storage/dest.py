@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from storage.direct import sha256_file, sha256_stream
+from storage.direct import file_digest, stream_digest
 from storage.errors import PtqflowError
 from storage.names import CONFIG, INDEX, partial_path
 from storage.source import Folder, hub_errors
@@ -194,11 +194,18 @@ class Dest:
         )
         return {"size": int(info["size"]), "stamp": str(stamp)}
 
-    def sha256(self, rel: str) -> str:
+    @property
+    def digest_algorithm(self) -> str:
+        """What a shard's record is hashed with: xxh3_128 locally, where only a resume reads it
+        (sha256 of a 1 GB shard took as long as quantizing it), else sha256."""
+        return "xxh3_128" if self.folder.is_local else "sha256"
+
+    def digest(self, rel: str, algorithm: str) -> str:
+        """ "ALGORITHM:HEX" of the file `rel` in DEST."""
         if self.folder.is_local:
-            return sha256_file(self.path(rel))
+            return file_digest(self.path(rel), algorithm)
         with self.folder.open(rel) as f:
-            return sha256_stream(f)
+            return stream_digest(f, algorithm)
 
     def remove(self, rel: str) -> None:
         fs = self.folder.fs

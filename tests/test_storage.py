@@ -9,10 +9,11 @@ import random
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import save
 
 from storage import direct
-from storage.direct import BufferedOutput, DirectOutput, open_output, sha256_file
+from storage.direct import BufferedOutput, DirectOutput, file_digest, open_output
 from storage.errors import PtqflowError
 from storage.safetensors import ShardWriter, TensorSpec, read_file_header, read_tensor
 
@@ -47,7 +48,9 @@ def test_writes_in_any_order_give_the_exact_bytes(tmp_path, mode):
         out.write_at(memoryview(content)[a:b], a)
     out.close()
     assert (tmp_path / "f").read_bytes() == content
-    assert sha256_file(tmp_path / "f") == hashlib.sha256(content).hexdigest()
+    assert file_digest(tmp_path / "f") == "sha256:" + hashlib.sha256(content).hexdigest()
+    xxh = "xxh3_128:" + xxhash.xxh3_128(content).hexdigest()
+    assert file_digest(tmp_path / "f", "xxh3_128") == xxh
 
 
 def test_a_block_never_written_is_an_error(tmp_path):
@@ -146,7 +149,9 @@ def test_copied_tensors_stream_through_a_small_buffer(tmp_path, mode, monkeypatc
 
 
 def test_upload_records_the_hash_a_resume_checks(tmp_path):
-    """The shard's sha256 is taken in the upload stage; a resume trusts it when the stamp moved."""
+    """The shard's digest is taken in the upload stage; a resume trusts it when the stamp moved.
+
+    A local DEST records xxh3_128 (only a resume reads it); sha256 is kept for remote ones."""
     from storage.dest import Dest
     from tasks.core.keys import still_valid
     from tasks.core.records import Manifest
@@ -158,7 +163,7 @@ def test_upload_records_the_hash_a_resume_checks(tmp_path):
     shard = dest.staging / "model.safetensors"
     shard.write_bytes(data)
     manifest = upload(Manifest(shard.name, len(data)), dest)
-    assert manifest.sha256 == hashlib.sha256(data).hexdigest()
+    assert manifest.digest == "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
     os.utime(shard, ns=(1, 1))  # a new stamp: only the hash can vouch for the file
     assert still_valid(manifest, dest)
     shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))

@@ -50,4 +50,7 @@ def still_valid(manifest: Manifest, dest: Dest) -> bool:
         return False
     if info.get("stamp") == manifest.stamp:
         return True
-    return dest.sha256(manifest.name) == manifest.sha256
+    if not manifest.digest:
+        return False
+    algorithm = manifest.digest.partition(":")[0]
+    return dest.digest(manifest.name, algorithm) == manifest.digest

@@ -128,9 +128,10 @@ class Manifest:
     """One finished output shard: what was written, and how long each stage took.
 
     The quantize stage fills name, size, bytes_in, seconds and stages; the
-    upload stage adds `sha256` and `stamp` (DEST's cheap change marker: mtime
-    or ETag), which a resumed run checks the file against; `cached` says the
-    run found it done.
+    upload stage adds `digest` ("xxh3_128:HEX" for a local DEST, else
+    "sha256:HEX") and `stamp` (DEST's cheap change marker: mtime or ETag),
+    which a resumed run checks the file against; `cached` says the run found
+    it done.
     """
 
     name: str
@@ -138,7 +139,7 @@ class Manifest:
     bytes_in: int = 0
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
-    sha256: str | None = None
+    digest: str | None = None
     stamp: str | None = None
     cached: bool = False
 

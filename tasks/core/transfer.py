@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from storage.dest import Dest, default_state_dir
-from storage.direct import sha256_file
+from storage.direct import file_digest
 from storage.source import Folder
 from tasks.core.records import Manifest
 
@@ -33,7 +33,7 @@ def upload(manifest: Manifest, dest: Dest) -> Manifest:
     """
     started = time.perf_counter()
     staged = dest.staging / manifest.name
-    digest = sha256_file(staged)
+    digest = file_digest(staged, dest.digest_algorithm)
     dest.put(staged, manifest.name)
     info = dest.info(manifest.name)
     if info is None or info["size"] != manifest.size:
@@ -41,4 +41,4 @@ def upload(manifest: Manifest, dest: Dest) -> Manifest:
     if not dest.folder.is_local:
         Path(staged).unlink(missing_ok=True)
     stages = {**manifest.stages, "upload": round(time.perf_counter() - started, 3)}
-    return replace(manifest, sha256=digest, stamp=info["stamp"], stages=stages)
+    return replace(manifest, digest=digest, stamp=info["stamp"], stages=stages)
