@@ -91,7 +91,7 @@ def test_the_stop_rule_sees_every_group_of_the_weight(monkeypatch):
     w = heavy_tailed(4, 256, seed=8)
     x = observers.grouped(w, args)
     lo, hi = torch.amin(x, dim=(0, -1)), torch.amax(x, dim=(0, -1))
-    _, _, scale, zero = observers.candidates(lo, hi, args, search.factors)
+    scale, zero = observers.candidates(lo, hi, args, search.factors)
     err = observers.errors(x.reshape(4, 256), scale.reshape(20, 4), zero.reshape(20, 4), args, 2.4)
     best = torch.full((4,), torch.finfo(err.dtype).max, dtype=err.dtype)
     everything = torch.zeros(4, dtype=torch.long)

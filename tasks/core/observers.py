@@ -16,8 +16,8 @@ mse_quant.py, its CPU path) search shrink factors of the observed range:
 Every operation is rounded to D as torch rounds it (a bf16 `pow` even uses
 the exponent rounded to bf16), and changing any rounding changes the choice
 of many groups, so this module keeps the operands and dtypes exactly. What it
-changes is the order of work: each run of groups goes through all steps while in
-cache, on its own core, and the stop rule, which needs every group of the
+changes is the order of work: each run of groups goes through a window of steps
+while in cache, on its own core, and the stop rule, which needs every group of the
 weight, is applied to what every run reports (`searched_minmax`). For bfloat16
 on the CPU, the per-element arithmetic runs in one compiled loop
 (tasks/core/mse_kernel.py) instead of a dozen passes of torch operations.
@@ -186,13 +186,13 @@ def grouped(weight: torch.Tensor, args) -> torch.Tensor:
 
 
 def candidates(lo: torch.Tensor, hi: torch.Tensor, args, factors: list[float]):
-    """Each shrink factor's min, max, scale and zero point: (steps, *scale shape) each."""
+    """Each shrink factor's scale and zero point (steps, *scale shape), in lo's dtype."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
     lo = torch.stack([lo * p for p in factors])
     hi = torch.stack([hi * p for p in factors])
     scale, zero = calculate_qparams(lo, hi, search_args(args))
-    return lo, hi, scale, zero.to(lo.dtype)
+    return scale, zero.to(lo.dtype)
 
 
 def errors(values: torch.Tensor, scale, zero, args, norm: float) -> torch.Tensor:
@@ -298,7 +298,7 @@ def searched_minmax(weight: torch.Tensor, args, search: Search, parallel=map, bu
 
         def one(start: int, window=window, first=done, run=run) -> torch.Tensor:
             part = slice(start, start + run)
-            _, _, scale, zero = candidates(lo_[part], hi_[part], args, window)
+            scale, zero = candidates(lo_[part], hi_[part], args, window)
             err = errors(values[part], scale, zero, args, search.norm)
             return advance(err, best[part], step[part], first)
 
