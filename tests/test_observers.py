@@ -118,6 +118,33 @@ def test_torch_and_compiled_errors_are_the_same_bits(monkeypatch, name):
     assert_same_bytes(fast, slow)
 
 
+def test_fused_search_sums_as_torch_and_leaves_torch_the_unsure_sums(monkeypatch):
+    """The kernel sums each group itself; where its sum could round to another bfloat16 than
+    torch's, torch sums that group's terms. Best error, step and improvements are torch's."""
+    from tasks.core import mse_kernel
+
+    args = observers.search_args(scheme("NVFP4A16", "nvfp4_expanded_mse").weights)
+    search = observers.search_of("nvfp4_expanded_mse", None)
+    values = observers.grouped(heavy_tailed(256, 1024, seed=4), args).reshape(-1, 16)
+    lo, hi = (f(values, dim=-1) * search.expand for f in (torch.amin, torch.amax))
+    scale, zero = observers.candidates(lo, hi, args, search.factors)
+    unsure = []
+    terms = mse_kernel._terms
+    monkeypatch.setattr(mse_kernel, "_terms", lambda *a: unsure.append(a[0].shape) or terms(*a))
+
+    def start():
+        return torch.full((len(values),), 3e38).to(torch.bfloat16), torch.zeros(len(values)).long()
+
+    best, step = start()
+    improved = mse_kernel.search(values, scale, zero, args, search.norm, best, step, 3)
+    assert unsure, "no sum was unsure: the fallback went untested"
+    each = zip(scale, zero, strict=True)
+    err = torch.stack([observers._error(values, s, z, args, search.norm) for s, z in each])
+    torch_best, torch_step = start()
+    assert torch.equal(improved, observers.advance(err, torch_best, torch_step, 3))
+    assert torch.equal(best, torch_best) and torch.equal(step, torch_step)
+
+
 def test_float16_weights_search_in_float16():
     s = scheme("W4A16", "memoryless_mse")
     w = heavy_tailed(128, 256, seed=5, dtype=torch.float16)

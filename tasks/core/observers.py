@@ -189,10 +189,13 @@ def candidates(lo: torch.Tensor, hi: torch.Tensor, args, factors: list[float]):
     """Each shrink factor's scale and zero point (steps, *scale shape), in lo's dtype."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    lo = torch.stack([lo * p for p in factors])
-    hi = torch.stack([hi * p for p in factors])
-    scale, zero = calculate_qparams(lo, hi, search_args(args))
+    scale, zero = calculate_qparams(shrunk(lo, factors), shrunk(hi, factors), search_args(args))
     return scale, zero.to(lo.dtype)
+
+
+def shrunk(t: torch.Tensor, factors: list[float]) -> torch.Tensor:
+    """t * p for each p of factors (steps, *t's shape), as the observer multiplies them."""
+    return torch.stack([t * p for p in factors])
 
 
 def errors(values: torch.Tensor, scale, zero, args, norm: float) -> torch.Tensor:
@@ -200,8 +203,22 @@ def errors(values: torch.Tensor, scale, zero, args, norm: float) -> torch.Tensor
     mse_kernel = _kernel_module()
     if mse_kernel is not None and mse_kernel.handles(values):
         return mse_kernel.errors(values, scale, zero, args, norm)
-    steps = zip(scale, zero, strict=True)
-    return torch.stack([_error(values, s, z, args, norm) for s, z in steps])
+    each = zip(scale, zero, strict=True)
+    return torch.stack([_error(values, s, z, args, norm) for s, z in each])
+
+
+def _stepper(weight: torch.Tensor):
+    """How runs of `weight`'s groups go through a window of steps: the compiled kernel's fused
+    search where it handles the weight (checked once: it reads every value), else
+    advance(errors(values, scale, zero, args, norm), best, step, first)."""
+    mse_kernel = _kernel_module()
+    if mse_kernel is not None and mse_kernel.handles(weight):
+        return mse_kernel.search
+
+    def steps(values, scale, zero, args, norm: float, best, step, first: int) -> torch.Tensor:
+        return advance(errors(values, scale, zero, args, norm), best, step, first)
+
+    return steps
 
 
 @functools.cache
@@ -287,7 +304,7 @@ def searched_minmax(weight: torch.Tensor, args, search: Search, parallel=map, bu
     lo = torch.amin(x, dim=(0, -1)) * search.expand
     hi = torch.amax(x, dim=(0, -1)) * search.expand
     values, lo_, hi_ = x.reshape(-1, x.shape[-1]), lo.reshape(-1), hi.reshape(-1)
-    count, factors = len(values), search.factors
+    count, factors, steps = len(values), search.factors, _stepper(weight)
     best = torch.full((count,), torch.finfo(lo.dtype).max, dtype=lo.dtype)
     step = torch.zeros(count, dtype=torch.long)
     done, stale = 0, 0
@@ -299,14 +316,12 @@ def searched_minmax(weight: torch.Tensor, args, search: Search, parallel=map, bu
         def one(start: int, window=window, first=done, run=run) -> torch.Tensor:
             part = slice(start, start + run)
             scale, zero = candidates(lo_[part], hi_[part], args, window)
-            err = errors(values[part], scale, zero, args, search.norm)
-            return advance(err, best[part], step[part], first)
+            return steps(
+                values[part], scale, zero, args, search.norm, best[part], step[part], first
+            )
 
         improved = torch.stack(list(parallel(one, range(0, count, run)))).any(dim=0)
         for any_better in improved.tolist():
             stale = 0 if any_better else stale + 1
         done += len(window)
-    # lo * p as torch multiplies a tensor by a Python number: in float32 (float64 for float64)
-    opmath = torch.float64 if lo.dtype == torch.float64 else torch.float32
-    factor = torch.tensor(factors, dtype=opmath)[step]
-    return tuple((t.to(opmath) * factor).to(lo.dtype).reshape(lo.shape) for t in (lo_, hi_))
+    return tuple(shrunk(t, factors).gather(0, step[None]).reshape(lo.shape) for t in (lo_, hi_))
