@@ -27,7 +27,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-ARCHS = ("llama", "qwen3", "qwen3_moe", "deepseek_v3", "fused_experts", "tied")
+ARCHS = (
+    "llama",
+    "qwen3",
+    "qwen3_moe",
+    "deepseek_v3",
+    "fused_experts",
+    "tied",
+    "deepseek_v3_mtp",
+    "glm4_moe_mtp",
+)
 
 HIDDEN = 256
 INTERMEDIATE = 512
@@ -118,6 +127,41 @@ _CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 _CONFIGS["fused_experts"] = _CONFIGS["qwen3_moe"]
+# With a multi-token-prediction layer, as DeepSeek-V3/R1 and Kimi-K2 ship it, and the routing
+# keys of their real config.json (transformers 5 omits them; vLLM then drops the router bias).
+_CONFIGS["deepseek_v3_mtp"] = (
+    "deepseek_v3",
+    {
+        **_CONFIGS["deepseek_v3"][1],
+        "num_nextn_predict_layers": 1,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+    },
+)
+_CONFIGS["glm4_moe_mtp"] = (
+    "glm4_moe",
+    {
+        **_COMMON,
+        "moe_intermediate_size": MOE_INTERMEDIATE,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "partial_rotary_factor": 0.5,
+        "attention_bias": True,
+        "n_routed_experts": NUM_EXPERTS,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "rms_norm_eps": 1e-5,
+        "num_nextn_predict_layers": 1,
+        "tie_word_embeddings": False,
+    },
+)
+# The tensors of an MTP layer besides its decoder layer (DeepSeek-V3's and GLM-4.5's naming):
+# embed_tokens, enorm/hnorm, eh_proj [H, 2H], shared_head.norm and shared_head.head [V, H].
+_MTP_EXTRA = ("embed_tokens", "enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head")
 
 # Generic PretrainedConfig keys that real Hub config.json files do not carry.
 _GENERIC_CONFIG_KEYS = (
@@ -188,12 +232,17 @@ def _make_state(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, kwargs = _CONFIGS[arch]
-    config = AutoConfig.for_model(model_type, **kwargs)
+    mtp = kwargs.get("num_nextn_predict_layers", 0)
+    # transformers builds no MTP layer: build `mtp` more decoder layers and make them MTP layers
+    config = AutoConfig.for_model(model_type, **{**kwargs, "num_hidden_layers": LAYERS + mtp})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         gen = torch.Generator().manual_seed(seed + 1)
+        for layer in range(LAYERS, LAYERS + mtp):
+            state.update(_mtp_extra(f"model.layers.{layer}", state, gen))
+        config.num_hidden_layers = LAYERS
         for name, tensor in state.items():
             # Randomize norms / router bias so pass-through mix-ups are detectable.
             if name.endswith("norm.weight"):
@@ -215,6 +264,25 @@ def _make_state(
     for key in _GENERIC_CONFIG_KEYS:
         config_dict.pop(key, None)
     return tensors, config_dict
+
+
+def _mtp_extra(prefix: str, state: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """An MTP layer's own tensors, shaped as the main model's embedding, norms and head."""
+    embed, norm = state["model.embed_tokens.weight"], state["model.norm.weight"]
+    hidden = embed.shape[1]
+    shapes = {
+        "embed_tokens": embed.shape,
+        "enorm": norm.shape,
+        "hnorm": norm.shape,
+        "eh_proj": (hidden, 2 * hidden),
+        "shared_head.norm": norm.shape,
+        "shared_head.head": embed.shape,
+    }
+    out = {}
+    for leaf in _MTP_EXTRA:
+        base = 1.0 if leaf.endswith("norm") else 0.0
+        out[f"{prefix}.{leaf}.weight"] = base + 0.02 * torch.randn(shapes[leaf], generator=gen)
+    return out
 
 
 def _sizes(tensors: Mapping[str, torch.Tensor]) -> list[int]:

@@ -165,7 +165,13 @@ def test_loads_with_transformers(built: dict[tuple[str, int], pathlib.Path], arc
 
     path = built[(arch, 3)]
     model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    # transformers builds no multi-token-prediction layer (model.layers.2 here): its keys are
+    # unexpected, as with real DeepSeek-V3 checkpoints
+    mtp = "model.layers.2." if arch.endswith("_mtp") else "-"
+    assert not info["missing_keys"]
+    assert not [k for k in info["unexpected_keys"] if not k.startswith(mtp)]
+    if arch.endswith("_mtp"):
+        assert any(k.startswith(f"{mtp}eh_proj") for k in info["unexpected_keys"])
     assert not info["mismatched_keys"] and not info["error_msgs"]
     ckpt = load_tensors(path)
     for name, value in model.state_dict().items():
