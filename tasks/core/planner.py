@@ -20,12 +20,15 @@ from storage.source import Folder, open_source
 from tasks.core.checkpoint import Source, load_source, other_files, source_weights
 from tasks.core.codecs import Codec, decode_weights, detect_format, meta
 from tasks.core.records import Plan, ShardPlan, Unit
+from tasks.core.schemes import KV_CACHE_WARNING
 from tasks.core.select import (
     EMBEDDING_LEAVES,
     assign_groups,
     fused_sets,
     ignore_pattern,
     is_router,
+    mtp_modules,
+    named_by,
     tied_modules,
 )
 
@@ -110,6 +113,22 @@ def plan_checkpoint(
         report.callouts.append(
             f"tie_word_embeddings is set: {', '.join(sorted(tied))} stay unquantized "
             "so the tied weights stay identical"
+        )
+    mtp = [
+        m
+        for m in mtp_modules(model_config, {w.rpartition(".")[0] for w in groups})
+        if not named_by(config.config_groups[groups[f"{m}.weight"]].targets, m)
+    ]
+    if config.kv_cache_scheme is not None:
+        report.callouts.append(KV_CACHE_WARNING)
+    if mtp:
+        config.ignore = list(config.ignore or []) + mtp
+        for m in mtp:
+            groups.pop(f"{m}.weight")
+        report.callouts.append(
+            f"multi-token-prediction layers: {', '.join(mtp)} stay unquantized, as vLLM's MTP "
+            "drafter builds them (eh_proj a plain Linear, shared_head.head an LM head, "
+            "embed_tokens an embedding); a config target naming them quantizes them"
         )
     for name in list(groups):
         w = weights[name]
@@ -322,6 +341,7 @@ def _config_dict(config, kept=(), ignored=(), codec=None) -> dict:
         ignore=ignore,
         quantization_status=QuantizationStatus.COMPRESSED,
         format=formats.pop() if len(formats) == 1 else "mixed-precision",
+        kv_cache_scheme=config.kv_cache_scheme,
     )
     return {"version": __version__, **final.model_dump()}
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 from storage.errors import PtqflowError
 from tasks.core.observers import check_observer, warn_alias
+
+# llm-compressor 0.14's model_free_ptq writes a config's kv_cache_scheme as given, with no scales
+KV_CACHE_WARNING = (
+    "kv_cache_scheme is written to the config without k_scale/v_scale tensors: model-free "
+    "quantization sees no activations to calibrate them, so vLLM uses a scale of 1.0"
+)
 
 
 def data_free_presets() -> list[str]:
@@ -109,15 +116,28 @@ def resolve_config(scheme=None, config=None, ignore: Iterable[str] = (), observe
             config = config.model_copy(deep=True)
         config.ignore = list(config.ignore or []) + list(ignore)
         if config.kv_cache_scheme is not None:
-            raise PtqflowError(
-                "kv_cache_scheme needs calibrated KV-cache scales, which model-free "
-                "quantization cannot produce; remove it from the config"
-            )
+            warnings.warn(KV_CACHE_WARNING, UserWarning, stacklevel=2)
     for group, sch in config.config_groups.items():
         _check_scheme(group, sch)
         _check_patterns(sch.targets, f"config group {group!r}'s targets")
+        if sch.format is None and _w4a8_fp8(sch):
+            sch.format = "pack-quantized"
     _check_patterns(config.ignore, "--ignore (the config's ignore list)")
     return config
+
+
+def _w4a8_fp8(scheme) -> bool:
+    """INT4 group weights with dynamic FP8 token activations (W4AFP8), which vLLM loads only
+    packed (its CompressedTensorsW4A8Fp8 reads weight_packed). compressed-tensors infers
+    int-quantized for them, one int8 per value, which vLLM 0.33 refuses; so ptqflow writes
+    them pack-quantized, like W4A16 (transformers decompresses either)."""
+    w, a = scheme.weights, scheme.input_activations
+    return (
+        w is not None
+        and a is not None
+        and (w.type, w.num_bits, w.strategy, w.symmetric) == ("int", 4, "group", True)
+        and (a.type, a.num_bits, a.strategy, a.dynamic) == ("float", 8, "token", True)
+    )
 
 
 def _check_patterns(patterns, where: str) -> None:

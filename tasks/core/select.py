@@ -30,6 +30,13 @@ EXPERT_SPLITS: dict[str, tuple[str, ...]] = {
 
 EMBEDDING_LEAVES = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings")
 
+# Multi-token-prediction (MTP) layers: DeepSeek-V3/R1, Kimi-K2, GLM-4.5 and others append
+# config.json's `num_nextn_predict_layers` decoder layers after the main ones, each with these
+# modules that vLLM's MTP drafter builds unquantized: eh_proj a plain nn.Linear,
+# shared_head.head an LM head and embed_tokens an embedding (vllm deepseek_mtp.py,
+# glm4_moe_mtp.py). Their attention and MoE layers are loaded like the main model's.
+MTP_UNQUANTIZED = ("eh_proj", "shared_head.head", "embed_tokens")
+
 
 def split_experts(name: str, shape: tuple[int, ...]) -> list[tuple[str, int, int]] | None:
     """Per-expert weights of a 3-D fused expert tensor, as (name, first row, last row).
@@ -98,6 +105,26 @@ def tied_modules(model_config: dict, modules: Iterable[str]) -> list[str]:
         for m in modules
         if m.rpartition(".")[2] in EMBEDDING_LEAVES or m == "lm_head" or m.endswith(".lm_head")
     ]
+
+
+def mtp_modules(model_config: dict, modules: Iterable[str]) -> list[str]:
+    """Modules of the MTP layers (model.layers.N and after, N = num_hidden_layers) that vLLM
+    builds unquantized."""
+    config = model_config.get("text_config") or model_config
+    count, first = config.get("num_nextn_predict_layers") or 0, config.get("num_hidden_layers")
+    if not count or not isinstance(first, int):
+        return []
+    wanted = {
+        f"model.layers.{i}.{leaf}" for i in range(first, first + count) for leaf in MTP_UNQUANTIZED
+    }
+    return sorted(m for m in modules if m in wanted)
+
+
+def named_by(targets: Iterable[str], module: str) -> bool:
+    """Whether one of a scheme's targets names `module` itself (a name or an re:), not its class."""
+    from compressed_tensors.utils.match import match_name
+
+    return any(("." in t or t.startswith("re:")) and match_name(module, t) for t in targets)
 
 
 def ignore_pattern(module: str) -> str:

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from storage.errors import PtqflowError
-from storage.names import INDEX
-from storage.safetensors import Header, TensorSpec, read_header
+from storage.names import CONFIG, INDEX
+from storage.safetensors import FLOAT_DTYPES, Header, TensorSpec, read_header
 from storage.source import HUB_ID, Folder, open_source
 from tasks.core.compress import meta_outputs
 from tasks.core.records import Plan, Read
 from tasks.core.schemes import scheme_format
+from tasks.core.select import mtp_modules
 from tasks.core.verify.accuracy import error_limit
 from tasks.core.verify.layout import check_vllm_layout
 from tasks.core.verify.records import Integrity, TensorResult, Verification
@@ -61,7 +63,9 @@ def read_quantization_config(folder: Folder, files: list[str]) -> tuple[dict, ob
             f"{where}: quantization_config is not a valid QuantizationConfig:\n{e}"
         ) from None
     try:
-        return config, resolve_config(config=parsed)
+        with warnings.catch_warnings():  # the run that wrote it said what kv_cache_scheme means
+            warnings.simplefilter("ignore")
+            return config, resolve_config(config=parsed)
     except PtqflowError as e:
         raise PtqflowError(f"{where}: {e}") from None
 
@@ -107,7 +111,24 @@ def check_integrity(source: Folder, quantized: Folder) -> Integrity:
     v.size_out = sum(r.stop - r.start for r in located.values())
     stored = _compare_tensors(plan, located, results, v)
     check_vllm_layout(results, schemes, stored)
+    _check_mtp(json.loads(source.read_text(CONFIG)), located, v)
     return Integrity(plan, schemes, stored, results, v)
+
+
+def _check_mtp(model_config: dict, located: dict[str, Read], v: Verification) -> None:
+    """MTP modules vLLM's drafter builds unquantized must be stored unquantized."""
+    modules = {n.rpartition(".")[0] for n in located}
+    for m in mtp_modules(model_config, modules):
+        quantized = sorted(n for n in located if n.startswith(f"{m}.weight_"))
+        weight = located.get(f"{m}.weight")
+        if weight is not None and weight.dtype not in FLOAT_DTYPES:
+            quantized.insert(0, f"{m}.weight ({weight.dtype})")
+        if quantized:
+            v.problems.append(
+                f"{m}: stored quantized ({', '.join(quantized)}), but vLLM's MTP drafter builds "
+                "it unquantized and rejects it, so speculative decoding fails; leave it "
+                "unquantized (ptqflow's default)"
+            )
 
 
 def _compare_configs(source: Folder, config: dict, plan: Plan, v: Verification) -> None:
