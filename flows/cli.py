@@ -73,6 +73,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         revision=params["revision"],
         source_format=params["source_format"],
         keep_source_quantization=params.get("keep_source_quantization_for_ignored", False),
+        source_settings=options.json_object(params["source_settings"], "--source-settings"),
     )
     Dest(params["destination"]).check(plan.source, params["overwrite"])
     with prefect_server():
@@ -107,6 +108,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         revision=a.revision,
         source_format=a.source_format,
         keep_source_quantization=a.keep_source_quantization_for_ignored,
+        source_settings=options.json_object(a.source_settings, "--source-settings"),
     )
     if a.json:
         print(

@@ -25,8 +25,11 @@ level, so `ptqflow --help` answers at once.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from storage.errors import PtqflowError
 
 # Choices shared with the flows' Literal types (tests check them against tasks.core.codecs).
 SOURCE_FORMATS = ("auto", "plain", "fp8-block", "compressed-tensors", "modelopt-nvfp4", "awq")
@@ -159,6 +162,21 @@ class Command:
         return {o.name: getattr(args, o.name, o.default) for o in self.params}
 
 
+def json_object(text: str | None, name: str) -> dict | None:
+    """A JSON-object parameter's value, or one clear message naming it."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PtqflowError(f"{name} is not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise PtqflowError(
+            f'{name} must be a JSON object, like {{"weight_block_size": [128, 128]}}'
+        )
+    return value
+
+
 # --- the options, shared where commands mean the same thing --------------------------------
 
 SOURCE = Option("source", "folder, Hub repo id (org/name) or fsspec URL", positional=True)
@@ -190,6 +208,12 @@ SOURCE_FORMAT = Option(
     default="auto",
     choices=SOURCE_FORMATS,
 )
+SOURCE_SETTINGS = Option(
+    "source_settings",
+    "JSON object of settings of SOURCE's format that replace its config.json's, e.g. "
+    "'{\"weight_block_size\": [128, 128]}' (model_free_ptq takes them from its converter)",
+    metavar="JSON",
+)
 KEEP = Option(
     "keep_source_quantization_for_ignored",
     "pre-quantized SOURCE: ignored layers keep its quantization (mixed-precision config) "
@@ -203,10 +227,11 @@ OVERWRITE = Option("overwrite", "delete what DEST holds first", default=False, t
 MAX_WORKERS = Option(
     "max_workers", "shards quantizing at once (on the CPU)", default=1, type=int, minimum=1
 )
-DEVICE = Option("device", "cpu, cuda:N or cuda:0,cuda:1,... (default: cuda:0 if present, else cpu)")
+DEVICE = Option("device", "cpu, cuda:N or cuda:0,cuda:1,... (default: every visible GPU, else cpu)")
 
 RUN = (
     SOURCE_FORMAT,
+    SOURCE_SETTINGS,
     MAX_WORKERS,
     DEVICE,
     OVERWRITE,
@@ -274,6 +299,7 @@ QUANTIZE_ORDER = (
     "dask_address",
     "verify",
     "source_format",
+    "source_settings",
     "keep_source_quantization_for_ignored",
 )
 
@@ -302,6 +328,7 @@ PLAN = Command(
         IGNORE,
         OBSERVER,
         SOURCE_FORMAT,
+        SOURCE_SETTINGS,
         replace(KEEP, help="plan ignored layers of a pre-quantized SOURCE in its own quantization"),
         Option("json", "print the report as JSON", default=False, type=bool, param=False),
     ),

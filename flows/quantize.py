@@ -9,6 +9,7 @@ of `max_downloaded` the shards downloaded but not yet quantized.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterable
@@ -17,7 +18,7 @@ from typing import Annotated, Literal
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from flows.options import QUANTIZE, SOURCE_FORMATS, TASK_RUNNERS
+from flows.options import QUANTIZE, SOURCE_FORMATS, TASK_RUNNERS, json_object
 from flows.shards import run_shards
 from storage.dest import Dest
 from storage.errors import PtqflowError
@@ -62,6 +63,9 @@ def quantize_checkpoint(
     source_format: Annotated[SourceFormatName, described("source_format")] = DEFAULTS[
         "source_format"
     ],
+    source_settings: Annotated[str | None, described("source_settings")] = DEFAULTS[
+        "source_settings"
+    ],
     keep_source_quantization_for_ignored: Annotated[
         bool, described("keep_source_quantization_for_ignored")
     ] = DEFAULTS["keep_source_quantization_for_ignored"],
@@ -83,6 +87,7 @@ def quantize_checkpoint(
         revision,
         source_format,
         keep_source_quantization_for_ignored,
+        json_object(source_settings, "--source-settings"),
     )
     dest = Dest(destination, private=private)
     dest.prepare(plan.source, overwrite)
@@ -133,13 +138,37 @@ def run_quantize(**params) -> Summary:
     return quantize_checkpoint(**params)
 
 
-# compressed-tensors converters that llm-compressor's model_free_ptq accepts, as source formats
-CONVERTER_FORMATS = {
-    "FP8BlockDequantizer": "fp8-block",
-    "AutoAWQConverter": "awq",
-    "CompressedTensorsDequantizer": "compressed-tensors",
-    "ModelOptNvfp4Converter": "modelopt-nvfp4",
+# compressed-tensors converters that llm-compressor's model_free_ptq accepts: the source format
+# ptqflow dequantizes with them, and the settings each carries (config.json's keys for them)
+CONVERTERS = {
+    "FP8BlockDequantizer": ("fp8-block", ("weight_block_size",)),
+    "AutoAWQConverter": ("awq", ("bits", "group_size", "zero_point", "version")),
+    "CompressedTensorsDequantizer": ("compressed-tensors", ()),
+    "ModelOptNvfp4Converter": ("modelopt-nvfp4", ()),
 }
+
+
+def converter_source(converter) -> tuple[str, dict]:
+    """The source format and settings of model_free_ptq's `converter`: one converter, or a
+    list applied in order, where only a CompressedTensorsDequantizer may follow the first
+    (ptqflow dequantizes what AutoAWQ and ModelOpt converters make into compressed-tensors
+    with it, as compressed-tensors chains them)."""
+    chain = list(converter) if isinstance(converter, (list, tuple)) else [converter]
+    names = [type(c).__name__ for c in chain]
+    for name in names:
+        if name not in CONVERTERS:
+            raise PtqflowError(
+                f"converter {name} is not supported; ptqflow dequantizes the sources of "
+                f"{', '.join(CONVERTERS)} itself (detected from config.json)"
+            )
+    if not chain or any(n != "CompressedTensorsDequantizer" for n in names[1:]):
+        raise PtqflowError(
+            f"converters {names}: give one converter, optionally followed by a "
+            "CompressedTensorsDequantizer"
+        )
+    fmt, keys = CONVERTERS[names[0]]
+    settings = {k: getattr(chain[0], k) for k in keys}
+    return fmt, {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
 
 
 def device_parameter(device) -> str | None:
@@ -168,19 +197,14 @@ def model_free_ptq(
     """Drop-in for llm-compressor's `model_free_ptq`: same arguments, runs `quantize-checkpoint`.
 
     `scheme` is a preset name (or QuantizationScheme), `config` a QuantizationConfig,
-    a dict, or a YAML/JSON file. A list of devices spreads shards over all of them. A
-    `converter` of compressed-tensors (FP8BlockDequantizer, ...) names the
-    source's format; its settings come from SOURCE's config.json, as ptqflow
-    detects pre-quantized sources by itself.
+    a dict, or a YAML/JSON file. No `device` means every visible GPU (else the CPU);
+    a list spreads shards over all of them. A `converter` of compressed-tensors
+    (FP8BlockDequantizer, ...), or a list of them, names the source's format, and its
+    settings (weight_block_size, AWQ's bits and group size) replace config.json's.
     """
-    source_format = "auto"
+    source_format, source_settings = "auto", None
     if converter is not None:
-        source_format = CONVERTER_FORMATS.get(type(converter).__name__)
-        if source_format is None:
-            raise PtqflowError(
-                f"converter {type(converter).__name__} is not supported; ptqflow dequantizes "
-                f"the sources of {', '.join(CONVERTER_FORMATS)} itself (detected from config.json)"
-            )
+        source_format, source_settings = converter_source(converter)
     if config is not None and not isinstance(config, (str, dict, os.PathLike)):
         config = config.model_dump()
     if scheme is not None and not isinstance(scheme, str):
@@ -195,4 +219,5 @@ def model_free_ptq(
         ignore=list(ignore),
         device=device_parameter(device),
         source_format=source_format,
+        source_settings=json.dumps(source_settings) if source_settings else None,
     )

@@ -19,6 +19,7 @@ def plan_task(
     revision: str | None = None,
     source_format: str | None = None,
     keep_source_quantization: bool = False,
+    source_settings: dict | None = None,
 ) -> Plan:
     """Plan quantize-checkpoint from SOURCE's headers; the plan's callouts go to the run's log."""
     plan, report = plan_checkpoint(
@@ -28,6 +29,7 @@ def plan_task(
         revision=revision,
         source_format=source_format,
         keep_source_quantization=keep_source_quantization,
+        source_settings=source_settings,
     )
     for line in report.callouts:
         get_run_logger().warning(line)

@@ -536,6 +536,8 @@ def test_subprocess_user_error_has_no_traceback(tmp_path, cols200):
         (["--device", "gpu"], r"--device 'gpu' is not a device; use cpu, cuda:N"),
         (["--device", "cpu,cuda:7"], r"--device cuda:7: this machine has 2 GPU\(s\), cuda:0 to "),
         (["--device", "mps"], r"--device mps: ptqflow runs on cpu or cuda:N"),
+        (["--source-settings", "{block: 1}"], r"--source-settings is not JSON \(Expecting"),
+        (["--source-settings", "[128]"], r"--source-settings must be a JSON object, like \{"),
     ],
 )
 def test_bad_options_named_before_any_work(capsys, tmp_path, flow_calls, sharded, args, message):

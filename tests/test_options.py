@@ -285,6 +285,17 @@ def test_device_list_reaches_the_flow():
 
 
 @pytest.mark.slow
+def test_no_device_means_every_visible_gpu_as_llm_compressor(monkeypatch):
+    """This machine has no GPU: torch's count is set to what a 2-GPU machine reports."""
+    import torch
+
+    from tasks.core.devices import check_devices
+
+    assert check_devices(None) == ["cpu"] == check_devices("")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_devices(None) == ["cuda:0", "cuda:1"]
+
+
 def test_model_free_ptq_spreads_shards_over_a_device_list(tmp_path, prefect_server, slow_shards):
     """`device=["cpu", "cpu"]` is "cpu,cpu" for the flow: one device named twice, so one
     concurrency limit of max_workers slots, and the same bytes as one device."""

@@ -274,31 +274,46 @@ def test_verify_against_a_prequantized_source(tmp_path, kind):
 
 @pytest.mark.slow
 def test_model_free_ptq_with_a_converter(tmp_path, prefect_server):
-    from compressed_tensors.entrypoints.convert.converters import (
-        FP8BlockDequantizer,
-        MagnitudeExpertPruner,
-    )
+    """The converter's own weight_block_size is used: here config.json says a wrong one."""
+    from compressed_tensors.entrypoints.convert.converters import FP8BlockDequantizer
 
     from flows import model_free_ptq
 
     src = pq.fp8_block(tmp_path / "src")
     quantize_folder(src, tmp_path / "want", resolve_config("FP8_BLOCK", ignore=IGNORE))
-    model_free_ptq(
-        src,
-        tmp_path / "out",
-        scheme="FP8_BLOCK",
-        ignore=IGNORE,
-        device="cpu",
-        converter=FP8BlockDequantizer.from_pretrained(str(src)),
-    )
-    assert files(tmp_path / "out") == files(tmp_path / "want")
-    with pytest.raises(PtqflowError, match="MagnitudeExpertPruner is not supported"):
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [64, 64]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PtqflowError):
+        quantize_folder(src, tmp_path / "wrong", resolve_config("FP8_BLOCK", ignore=IGNORE))
+    for i, converter in enumerate(
+        [FP8BlockDequantizer(weight_block_size=(128, 128)), [FP8BlockDequantizer()]]
+    ):
         model_free_ptq(
-            src,
-            tmp_path / "other",
-            scheme="FP8_BLOCK",
-            converter=MagnitudeExpertPruner.__new__(MagnitudeExpertPruner),
+            src, tmp_path / f"out{i}", scheme="FP8_BLOCK", ignore=IGNORE, converter=converter
         )
+        assert files(tmp_path / f"out{i}") == files(tmp_path / "want")
+
+
+def test_converters_name_the_source_format_and_settings():
+    from compressed_tensors.entrypoints.convert import converters as c
+
+    from flows.quantize import converter_source
+
+    assert converter_source(c.FP8BlockDequantizer(weight_block_size=(64, 32))) == (
+        "fp8-block",
+        {"weight_block_size": [64, 32]},
+    )
+    awq = c.AutoAWQConverter(bits=4, group_size=64, zero_point=False)
+    settings = {"bits": 4, "group_size": 64, "zero_point": False, "version": "gemm"}
+    assert converter_source(awq) == ("awq", settings)
+    dequantizer = c.CompressedTensorsDequantizer.__new__(c.CompressedTensorsDequantizer)
+    assert converter_source([awq, dequantizer]) == ("awq", settings)
+    pruner = c.MagnitudeExpertPruner.__new__(c.MagnitudeExpertPruner)
+    with pytest.raises(PtqflowError, match="MagnitudeExpertPruner is not supported"):
+        converter_source(pruner)
+    with pytest.raises(PtqflowError, match="optionally followed by a CompressedTensorsDequantizer"):
+        converter_source([awq, c.FP8BlockDequantizer()])
 
 
 def test_dequantize_refuses_a_plain_source(tmp_path):

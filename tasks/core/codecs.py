@@ -42,11 +42,13 @@ def detect_format(
     names: Iterable[str],
     override: str | None = None,
     side_config: dict | None = None,
+    settings: dict | None = None,
 ) -> SourceFormat | None:
     """The source's format from config.json's quantization_config, or `override`.
 
     `side_config` is ModelOpt's hf_quant_config.json, for checkpoints that keep
-    their quantization settings there. None means the weights are stored as they are.
+    their quantization settings there; `settings` replace the config's keys (a
+    converter's own). None means the weights are stored as they are.
     """
     override = None if override in (None, "auto") else override
     if override is not None and override not in FORMATS:
@@ -75,7 +77,7 @@ def detect_format(
                 f"dequantize; supported: {', '.join(QUANT_METHODS)}. Dequantize it to BF16 "
                 "first, or pass --source-format plain to copy its tensors as they are"
             )
-    qc = dict(qc or {})
+    qc = {**(qc or {}), **(settings or {})}
     if override == "fp8-block" and qc.get("quant_method", "fp8") == "fp8":
         if "weight_block_size" not in qc and qc:
             raise PtqflowError(

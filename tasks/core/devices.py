@@ -41,11 +41,12 @@ def _quota(cgroup: Path) -> float | None:
 
 def check_devices(device: str | None) -> list[str]:
     """The devices of `--device` (cpu, cuda:N, or several joined by commas), each checked to
-    exist here before any work; None is cuda:0 where there is a GPU, else the CPU."""
+    exist here before any work. None is every GPU torch sees (CUDA_VISIBLE_DEVICES), as
+    llm-compressor's model_free_ptq takes them, else the CPU."""
     import torch
 
     if not device:
-        return ["cuda:0" if torch.cuda.is_available() else "cpu"]
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
     names = [d.strip() for d in device.split(",")]
     for name in names:
         try:

@@ -57,13 +57,15 @@ def plan_checkpoint(
     revision: str | None = None,
     source_format: str | None = None,
     keep_source_quantization: bool = False,
+    source_settings: dict | None = None,
 ) -> tuple[Plan, Report]:
     """Validate SOURCE against `config` (a resolved QuantizationConfig) and plan every shard.
 
     Only headers are read. A pre-quantized SOURCE (detected from config.json,
-    or `source_format`) is dequantized weight by weight; with
-    `keep_source_quantization` the weights the config leaves unquantized keep
-    the source's quantization. A config without groups only dequantizes.
+    or `source_format`; `source_settings` replace its config's) is dequantized
+    weight by weight; with `keep_source_quantization` the weights the config
+    leaves unquantized keep the source's quantization. A config without groups
+    only dequantizes.
     With `strict`, problems that would make the run fail (tensors the scheme
     cannot represent, split fused sets, undecodable source tensors) raise a
     PtqflowError listing all of them; otherwise they are returned in the report.
@@ -76,7 +78,7 @@ def plan_checkpoint(
     report = Report()
     names = [n for h in src.headers.values() for n in h.tensors]
     side = json.loads(folder.read_text(MODELOPT_CONFIG)) if MODELOPT_CONFIG in src.files else None
-    fmt = detect_format(model_config, names, source_format, side)
+    fmt = detect_format(model_config, names, source_format, side, source_settings)
     if fmt is None and not config.config_groups:
         raise PtqflowError(f"{folder.url} is not quantized: there is nothing to dequantize")
     per_file = source_weights(src.headers, split=fmt is None)
