@@ -20,6 +20,7 @@ import torch
 from storage.errors import PtqflowError
 from tasks.core.planner import plan_checkpoint
 from tasks.core.schemes import resolve_config
+from tasks.core.verify import verify
 from tests import prequantized as pq
 from tests.checkpoints import load_tensors, write_checkpoint
 from tests.helpers import IGNORE, ROOT, assert_same_bytes, files, quantize_folder
@@ -179,6 +180,21 @@ def test_keep_source_quantization_for_ignored_fp8_block(tmp_path):
     assert all(not p.startswith("re:") for p in qc["ignore"])
 
 
+def test_an_fp8_mtp_eh_proj_becomes_bf16_even_when_ignored_layers_keep_fp8(tmp_path):
+    """DeepSeek-V3's FP8 checkpoint stores its MTP eh_proj in FP8 blocks; vLLM's drafter
+    builds it unquantized, so it is dequantized, not kept, even with ignore + keep."""
+    src = pq.fp8_block(tmp_path / "src", arch="deepseek_v3_mtp")
+    source = load_tensors(src)
+    assert source["model.layers.2.eh_proj.weight"].dtype == torch.float8_e4m3fn
+    config = resolve_config("NVFP4A16", ignore=[*IGNORE, "re:.*eh_proj$"])
+    quantize_folder(src, tmp_path / "out", config, keep_source_quantization=True)
+    got = load_tensors(tmp_path / "out")
+    want = load_tensors(bf16_copy(src, tmp_path))
+    assert torch.equal(got["model.layers.2.eh_proj.weight"], want["model.layers.2.eh_proj.weight"])
+    assert "model.layers.2.eh_proj.weight_scale" not in got
+    assert not verify(str(src), str(tmp_path / "out")).problems
+
+
 def test_keep_source_quantization_for_ignored_compressed_tensors(tmp_path):
     src = pq.compressed(tmp_path / "src", "W4A16")
     ignore = [*IGNORE, "re:.*mlp.experts.*"]
@@ -247,7 +263,6 @@ def test_cli_dequantize(tmp_path, prefect_server):
 
 @pytest.mark.parametrize("kind", ["fp8-block", "awq"])
 def test_verify_against_a_prequantized_source(tmp_path, kind):
-    from tasks.core.verify import verify
 
     src = SOURCES[kind](tmp_path / "src")
     out = tmp_path / "out"

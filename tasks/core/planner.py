@@ -116,10 +116,12 @@ def plan_checkpoint(
             f"tie_word_embeddings is set: {', '.join(sorted(tied))} stay unquantized "
             "so the tied weights stay identical"
         )
+    unquantized = set(mtp_modules(model_config, {w.rpartition(".")[0] for w in weights}))
     mtp = [
         m
-        for m in mtp_modules(model_config, {w.rpartition(".")[0] for w in groups})
-        if not named_by(config.config_groups[groups[f"{m}.weight"]].targets, m)
+        for m in sorted(unquantized)
+        if f"{m}.weight" in groups
+        and not named_by(config.config_groups[groups[f"{m}.weight"]].targets, m)
     ]
     if config.kv_cache_scheme is not None:
         report.callouts.append(KV_CACHE_WARNING)
@@ -142,7 +144,11 @@ def plan_checkpoint(
             )
     kept = {}
     if keep_source_quantization and codec is not None:
-        kept = {n: w for n, w in weights.items() if w.encoded and n not in groups}
+        kept = {
+            n: w
+            for n, w in weights.items()
+            if w.encoded and n not in groups and n.rpartition(".")[0] not in unquantized
+        }
         # a kept layer keeps its activation scales (not the KV cache's: that scheme goes)
         scales = defaultdict(list)
         for d in dropped:
