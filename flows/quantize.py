@@ -90,22 +90,22 @@ def quantize_checkpoint(
         json_object(source_settings, "--source-settings"),
     )
     dest = Dest(destination, private=private)
-    dest.prepare(plan.source, overwrite)
-    cache = cache_dir_for(Folder(plan.source), cache_dir)
-    ordered = run_shards(
-        plan,
-        qconfig,
-        dest,
-        devices=devices,
-        max_workers=max_workers,
-        max_downloaded=max_downloaded,
-        cache_dir=cache,
-        result_storage=result_storage,
-        delete_source=delete_source,
-        task_runner=task_runner,
-        dask_address=dask_address,
-    )
-    finalize_task(plan, plan.source, dest, ordered)
+    with dest.writing(plan.source, overwrite):
+        cache = cache_dir_for(Folder(plan.source), cache_dir)
+        ordered = run_shards(
+            plan,
+            qconfig,
+            dest,
+            devices=devices,
+            max_workers=max_workers,
+            max_downloaded=max_downloaded,
+            cache_dir=cache,
+            result_storage=result_storage,
+            delete_source=delete_source,
+            task_runner=task_runner,
+            dask_address=dask_address,
+        )
+        finalize_task(plan, plan.source, dest, ordered)
     checked = None
     if verify:  # raises naming every failing tensor
         checked = verify_task(

@@ -37,11 +37,11 @@ def reindex_fused_weights(
     started = time.monotonic()
     plan = reindex_plan_task(source, revision)
     dest = Dest(destination)
-    dest.prepare(plan.source, overwrite)
-    cache = cache_dir_for(Folder(plan.source), cache_dir)
-    manifests = run_shards(
-        plan, None, dest, devices=["cpu"], max_workers=num_workers, cache_dir=cache
-    )
-    finalize_task(plan, plan.source, dest, manifests)
+    with dest.writing(plan.source, overwrite):
+        cache = cache_dir_for(Folder(plan.source), cache_dir)
+        manifests = run_shards(
+            plan, None, dest, devices=["cpu"], max_workers=num_workers, cache_dir=cache
+        )
+        finalize_task(plan, plan.source, dest, manifests)
     seconds = round(time.monotonic() - started, 1)
     return Summary(dest.url, manifests, plan.total_size, seconds)

@@ -7,19 +7,23 @@ a checkpoint once `config.json` and the index are written, last.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from storage.direct import file_digest, stream_digest
 from storage.errors import PtqflowError
+from storage.lease import Lease
 from storage.names import CONFIG, INDEX, partial_path
 from storage.source import Folder, hub_errors
 
 MARKER = ".ptqflow/dest.json"
+LEASE = ".ptqflow/lease.json"  # in the staging folder: DEST itself when local
 DERIVED = (CONFIG, INDEX)
 
 
@@ -70,6 +74,7 @@ class Dest:
         self.folder = Folder(str(url))
         self.url = self.folder.url
         self.private = private
+        self._lease: Lease | None = None
         if self.folder.is_local:
             self.staging = Path(self.folder.root)
         else:
@@ -78,6 +83,18 @@ class Dest:
 
     def __repr__(self) -> str:
         return f"Dest({self.url!r})"
+
+    def __getstate__(self) -> dict:
+        """A Dest travels to Dask workers; its lease stays with the run that holds it."""
+        return {**self.__dict__, "_lease": None}
+
+    def lease(self) -> Lease:
+        """The lease a run holds while it writes DEST (use as a context manager). For a
+        remote DEST it lives in the local staging folder, so it keeps out runs on this
+        machine (which would share that folder)."""
+        if self._lease is None:
+            self._lease = Lease(self.staging / LEASE, f"destination {self.url}")
+        return self._lease
 
     def path(self, rel: str) -> str:
         return self.folder.path(rel)
@@ -112,6 +129,7 @@ class Dest:
             raise PtqflowError(f"destination {self.url} exists and is not a folder")
         if self.folder.is_local:
             _check_creatable(Path(self.folder.root))
+        self.lease().check()
         src = Folder(source)
         if src.is_local and self.folder.is_local:
             s, d = Path(src.root), Path(self.folder.root)
@@ -120,7 +138,7 @@ class Dest:
                     f"destination {d} and source {s} overlap; write to a separate folder"
                 )
         entries = self.entries()
-        if overwrite or not entries:
+        if overwrite or not [e for e in entries if e != ".ptqflow"]:  # ptqflow's own state
             return
         owner = json.loads(self.read(MARKER)).get("source") if self.exists(MARKER) else None
         if owner != src.url:
@@ -130,6 +148,13 @@ class Dest:
                 f"destination {self.url} already holds {whose} ({found}). "
                 "Choose a new folder, or pass --overwrite to delete what is there."
             )
+
+    @contextlib.contextmanager
+    def writing(self, source: str, overwrite: bool = False) -> Iterator[Dest]:
+        """Hold DEST's lease, so no other run writes it, and `prepare` it for `source`."""
+        with self.lease():
+            self.prepare(source, overwrite)
+            yield self
 
     def prepare(self, source: str, overwrite: bool = False) -> None:
         """Make DEST ready for a run from `source` (see `check`).
@@ -147,7 +172,18 @@ class Dest:
                 HfApi().create_repo(repo_id, private=self.private, exist_ok=True)
             fs.invalidate_cache()  # it remembers that the repo did not exist
         if overwrite and fs.exists(self.folder.root):
-            fs.rm(self.folder.root, recursive=True)
+            if self.folder.is_local:  # everything but this run's lease
+                keep = Path(self.folder.root, LEASE)
+                inner = list(keep.parent.iterdir()) if keep.parent.is_dir() else []
+                for path in [*Path(self.folder.root).iterdir(), *inner]:
+                    if path in (keep, keep.parent):
+                        continue
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+            else:
+                fs.rm(self.folder.root, recursive=True)
         self.write(MARKER, json.dumps({"source": Folder(source).url}).encode())
         for name in DERIVED:
             self.remove(name)

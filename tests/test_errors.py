@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from flows.cli import main
-from storage.dest import MARKER, Dest
+from storage.dest import LEASE, MARKER, Dest
 from storage.errors import PtqflowError
 from tasks.core.planner import plan_checkpoint
 from tasks.core.records import Summary
@@ -603,3 +604,53 @@ def test_hub_source_while_offline_or_unreachable(capsys, flow_calls, monkeypatch
     monkeypatch.setattr(HfApi, "repo_info", unreachable)
     msg = user_error(capsys, argv, flow_calls)
     assert msg.startswith("cannot reach the Hugging Face Hub for Hub repo someorg/somemodel"), msg
+
+
+HOLD = """
+import sys, time
+from storage.dest import Dest
+lease = Dest(sys.argv[1]).lease()
+lease.acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_writer_of_a_dest_is_refused_naming_the_first(
+    capsys, tmp_path, flow_calls, sharded
+):
+    """A real second process holds DEST's lease: the CLI refuses before any work, naming its
+    pid; killed with -9, its lease is taken over at once and the run completes."""
+    from tests.helpers import ROOT, quantize_folder
+
+    dest = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(dest)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        msg = user_error(capsys, ["quantize", sharded, dest, "--scheme", "W4A16"], flow_calls)
+        assert f"is being written by another ptqflow run (pid {holder.pid} on" in msg, msg
+        with pytest.raises(PtqflowError, match=f"pid {holder.pid}"):
+            quantize_folder(sharded, dest, resolve_config("W4A16"), overwrite=True)
+        assert (dest / LEASE).exists()  # --overwrite deleted nothing of the other run's
+    finally:
+        holder.kill()
+        holder.wait()
+    quantize_folder(sharded, dest, resolve_config("W4A16"))
+    assert (dest / INDEX).exists() and not (dest / LEASE).exists()
+
+
+def test_a_lease_whose_machine_died_is_taken_over_after_its_heartbeat_times_out(tmp_path):
+    from storage.lease import TIMEOUT
+
+    lease = Dest(tmp_path / "out").lease()
+    lease.path.parent.mkdir(parents=True)
+    other = {"owner": "x", "host": "elsewhere", "pid": 1, "since": time.time()}
+    lease.path.write_text(json.dumps({**other, "heartbeat": time.time() - TIMEOUT + 5}))
+    with pytest.raises(PtqflowError, match="pid 1 on elsewhere"):
+        lease.acquire()
+    lease.path.write_text(json.dumps({**other, "heartbeat": time.time() - TIMEOUT - 1}))
+    with lease:
+        assert json.loads(lease.path.read_text())["owner"] == lease.record["owner"]
+    assert not lease.path.exists()

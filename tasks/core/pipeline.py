@@ -42,17 +42,17 @@ def quantize(
     started = time.monotonic()
     plan, _ = plan_checkpoint(str(source), config, **plan_options)
     dest = Dest(str(destination))
-    dest.prepare(plan.source, overwrite)
-    folder = Folder(plan.source)
-    cache = cache_dir_for(folder, cache_dir)
+    with dest.writing(plan.source, overwrite):
+        folder = Folder(plan.source)
+        cache = cache_dir_for(folder, cache_dir)
 
-    def one(shard):
-        paths = download(folder, shard.files, cache)
-        opener = lambda f: open(paths[f], "rb")  # noqa: E731
-        return write_shard(shard, opener, dest.staging, config.config_groups, device)
+        def one(shard):
+            paths = download(folder, shard.files, cache)
+            opener = lambda f: open(paths[f], "rb")  # noqa: E731
+            return write_shard(shard, opener, dest.staging, config.config_groups, device)
 
-    with ThreadPoolExecutor(max_workers) as pool, ThreadPoolExecutor(1) as uploads:
-        done = [uploads.submit(upload, m, dest) for m in pool.map(one, plan.shards)]
-        manifests = [f.result() for f in done]
-    finalize(plan, folder, dest, manifests)
+        with ThreadPoolExecutor(max_workers) as pool, ThreadPoolExecutor(1) as uploads:
+            done = [uploads.submit(upload, m, dest) for m in pool.map(one, plan.shards)]
+            manifests = [f.result() for f in done]
+        finalize(plan, folder, dest, manifests)
     return Summary(dest.url, manifests, plan.total_size, round(time.monotonic() - started, 1))
