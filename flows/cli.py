@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import sys
+import traceback
 
 from flows import options
 from storage.errors import PtqflowError
@@ -22,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptqflow",
         description="Quantize LLM safetensors checkpoints into compressed-tensors format.",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show Python tracebacks (also PTQFLOW_DEBUG=1)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in options.COMMANDS.values():
@@ -204,9 +208,13 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if args.debug:
+        os.environ["PTQFLOW_DEBUG"] = "1"
     try:
         return COMMANDS[args.command](args)
     except PtqflowError as e:
+        if os.environ.get("PTQFLOW_DEBUG") == "1":
+            traceback.print_exc()
         print(f"ptqflow: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -26,6 +27,37 @@ PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as `inner` does, leaving out its traceback."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def quiet_tracebacks() -> None:
+    """Prefect's terminal output without tracebacks: the run's logs (the UI) keep them, and
+    the CLI ends with one message. PTQFLOW_DEBUG=1 (ptqflow --debug) shows them."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    if os.environ.get("PTQFLOW_DEBUG") == "1":
+        return
+    named = logging.Logger.manager.loggerDict.values()
+    for logger in [logging.getLogger(), *(n for n in named if isinstance(n, logging.Logger))]:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                if not isinstance(handler.formatter, _WithoutTraceback):
+                    handler.setFormatter(_WithoutTraceback(handler.formatter))
 
 
 def free_port() -> int:
@@ -102,6 +134,7 @@ def prefect_server(timeout: float = 120.0) -> Iterator[str]:
     """Use PREFECT_API_URL if set; else run a server on 127.0.0.1 for the duration."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    quiet_tracebacks()
     if PREFECT_API_URL.value():
         yield PREFECT_API_URL.value()
         return

@@ -6,9 +6,11 @@ prequantized.py; the references: reference.py, fakehub.py), never from each othe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -138,3 +140,26 @@ def remote_files(url: str) -> dict[str, bytes]:
         for p in sorted(fs.find(root))
         if not any(part.startswith(".") for part in p[len(root) + 1 :].split("/"))
     }
+
+
+HOLD = """
+import sys, time
+from storage.dest import Dest
+Dest(sys.argv[1]).lease().acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def hold_lease(dest: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding DEST's lease; killed with -9 (and reaped) on leaving."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(dest)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -606,37 +606,20 @@ def test_hub_source_while_offline_or_unreachable(capsys, flow_calls, monkeypatch
     assert msg.startswith("cannot reach the Hugging Face Hub for Hub repo someorg/somemodel"), msg
 
 
-HOLD = """
-import sys, time
-from storage.dest import Dest
-lease = Dest(sys.argv[1]).lease()
-lease.acquire()
-print("held", flush=True)
-time.sleep(600)
-"""
-
-
 def test_a_second_writer_of_a_dest_is_refused_naming_the_first(
     capsys, tmp_path, flow_calls, sharded
 ):
     """A real second process holds DEST's lease: the CLI refuses before any work, naming its
     pid; killed with -9, its lease is taken over at once and the run completes."""
-    from tests.helpers import ROOT, quantize_folder
+    from tests.helpers import hold_lease, quantize_folder
 
     dest = tmp_path / "out"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(dest)], cwd=ROOT, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with hold_lease(dest) as holder:
         msg = user_error(capsys, ["quantize", sharded, dest, "--scheme", "W4A16"], flow_calls)
         assert f"is being written by another ptqflow run (pid {holder.pid} on" in msg, msg
         with pytest.raises(PtqflowError, match=f"pid {holder.pid}"):
             quantize_folder(sharded, dest, resolve_config("W4A16"), overwrite=True)
         assert (dest / LEASE).exists()  # --overwrite deleted nothing of the other run's
-    finally:
-        holder.kill()
-        holder.wait()
     quantize_folder(sharded, dest, resolve_config("W4A16"))
     assert (dest / INDEX).exists() and not (dest / LEASE).exists()
 

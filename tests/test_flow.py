@@ -11,7 +11,15 @@ import torch
 
 from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint, load_tensors
-from tests.helpers import IGNORE, ROOT, assert_same_bytes, files, quantize_folder, run_cli
+from tests.helpers import (
+    IGNORE,
+    ROOT,
+    assert_same_bytes,
+    files,
+    hold_lease,
+    quantize_folder,
+    run_cli,
+)
 
 
 def test_model_free_ptq_runs_the_flow(tmp_path, prefect_server):
@@ -181,3 +189,26 @@ print(status("VmHWM:") - rss)
     # and the larger shard (~240 MB) is never held whole
     assert growth[1] - growth[0] < 12 * 2**20, growth
     assert growth[1] < 120 * 2**20, growth
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_failure_inside_the_flow_ends_in_one_message(
+    capfd, tmp_path, prefect_server, monkeypatch, debug
+):
+    """The flow itself meets DEST's lease held by another process (the CLI's early check is
+    skipped): the terminal gets Prefect's lines without a traceback, then one message."""
+    from flows.cli import main
+    from storage.dest import Dest
+
+    monkeypatch.setenv("PTQFLOW_DEBUG", "0")
+    src = build_checkpoint(tmp_path / "src", "llama")
+    monkeypatch.setattr(Dest, "check", lambda self, source, overwrite=False: None)
+    argv = ["quantize", str(src), str(tmp_path / "out"), "--scheme", "W4A16"]
+    with hold_lease(tmp_path / "out") as holder:
+        capfd.readouterr()
+        rc = main(["--debug", *argv] if debug else argv)
+        err = capfd.readouterr().err
+    assert rc == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ptqflow: error: destination") and f"pid {holder.pid}" in last, err
+    assert ("Traceback" in err) == debug, err
