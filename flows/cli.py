@@ -205,6 +205,9 @@ COMMANDS = {
 }
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("ptqflow: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 def run() -> None:
@@ -231,6 +234,10 @@ def run() -> None:
     """
     rc = main()
     gc.freeze()
+    if rc == INTERRUPTED:  # shards still in flight are not waited for: a rerun redoes them
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
     sys.exit(rc)
 
 

@@ -92,6 +92,10 @@ def background(
 ) -> Iterator[subprocess.Popen]:
     """Run `argv` until the block ends, once `ready()`; it dies with this process (Linux).
 
+    It runs in its own session, so the SIGINT a terminal sends its foreground
+    process group on Ctrl-C reaches only this process, which ends the run while
+    the server still records it.
+
     Its stderr goes to a temporary file, never a pipe: nobody reads the pipe while
     it runs, and a full one (64 KiB) would block it. If it exits before it is
     ready, the error shows the end of that stderr.
@@ -103,6 +107,7 @@ def background(
             stdout=subprocess.DEVNULL,
             stderr=err,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            start_new_session=True,  # a terminal's Ctrl-C stops the run, which then stops it
         )
         try:
             deadline = time.monotonic() + timeout

@@ -12,6 +12,7 @@ import torch
 from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint, load_tensors
 from tests.helpers import (
+    CLI,
     IGNORE,
     ROOT,
     assert_same_bytes,
@@ -212,3 +213,35 @@ def test_a_failure_inside_the_flow_ends_in_one_message(
     last = err.strip().splitlines()[-1]
     assert last.startswith("ptqflow: error: destination") and f"pid {holder.pid}" in last, err
     assert ("Traceback" in err) == debug, err
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(tmp_path):
+    """SIGINT to the CLI's whole process group, as a terminal's Ctrl-C: the temporary Prefect
+    server (its own session) outlives the interrupt, so the run ends with one line."""
+    import os
+    import signal
+    import threading
+
+    src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=3)
+    argv = [*CLI, "quantize", str(src), str(tmp_path / "out"), "--scheme", "NVFP4A16"]
+    argv += ["--observer", "nvfp4_expanded_mse", "--ignore", "lm_head"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(run.stderr))
+    reader.start()
+    started = threading.Event()
+    while not any("Task run 'download" in line for line in lines) and run.poll() is None:
+        started.wait(0.05)
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(timeout=120) == 130, "".join(lines)
+    reader.join()
+    err = "".join(lines)
+    assert "Traceback" not in err, err
+    assert lines[-1] == "ptqflow: interrupted; run the same command again to resume\n", err
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    config = resolve_config("NVFP4A16", ignore=["lm_head"], observer="nvfp4_expanded_mse")
+    quantize_folder(src, tmp_path / "want", config)
+    assert files(tmp_path / "out") == files(tmp_path / "want")
