@@ -32,7 +32,9 @@ def weight_files(folder: Folder, files: list[str]) -> tuple[list[str], dict[str,
     if INDEX in files:
         try:
             weight_map = json.loads(folder.read_text(INDEX))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map values must be file names")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, UTF-8, shape
             raise PtqflowError(f"{INDEX} is not a valid index ({e}); fix or delete it") from None
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if s not in files]
