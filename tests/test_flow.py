@@ -192,6 +192,7 @@ print(status("VmHWM:") - rss)
     assert growth[1] < 120 * 2**20, growth
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("debug", [False, True])
 def test_a_failure_inside_the_flow_ends_in_one_message(
     capfd, tmp_path, prefect_server, monkeypatch, debug
@@ -215,6 +216,7 @@ def test_a_failure_inside_the_flow_ends_in_one_message(
     assert ("Traceback" in err) == debug, err
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(tmp_path):
     """SIGINT to the CLI's whole process group, as a terminal's Ctrl-C: the temporary Prefect
     server (its own session) outlives the interrupt, so the run ends with one line."""
