@@ -30,6 +30,7 @@ from storage.errors import PtqflowError
 from storage.source import Folder
 from tasks.core.keys import shard_key, still_valid
 from tasks.core.records import Manifest, Plan
+from tasks.core.shard import claimed
 from tasks.download import download_task
 from tasks.quantize import quantize_task
 from tasks.upload import upload_task
@@ -73,6 +74,13 @@ def run_shards(
                 futures[submit(runner, upload, shard, manifest=None, dest=dest, key=key)] = shard
                 cached.add(shard.name)
                 continue
+            # whole, but its result was never stored (a stored one that fails means it changed)
+            if manifest is None and claimed(dest.staging, shard.name, key):
+                size = (dest.staging / shard.name).stat().st_size
+                found = Manifest(shard.name, size, shard.bytes_in, cached=True)
+                futures[submit(runner, redo, shard, manifest=found, dest=dest, key=key)] = shard
+                cached.add(shard.name)
+                continue
             if len(window) >= max_downloaded:  # bounds shards downloaded but not quantized
                 window.pop(0).wait()
             dev = devices[i % len(devices)]
@@ -94,6 +102,7 @@ def run_shards(
                 out_dir=str(dest.staging),
                 device=dev,
                 limit=limits[dev],
+                key=key,
             )
             window.append(q)
             futures[submit(runner, redo, shard, manifest=q, dest=dest, key=key)] = shard

@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -241,12 +242,19 @@ class ShardWriter:
 
     Data goes to ``<name>.partial`` beside the target (with O_DIRECT where the
     filesystem allows, see storage/direct.py); `close` checks that every
-    planned tensor was written, fsyncs and renames, so a shard file under its
-    final name is always complete.
+    planned tensor was written, fsyncs, calls `before_rename` (which records
+    what the file is) and renames, so a shard file under its final name is
+    always complete, and recorded.
     """
 
-    def __init__(self, path: str | os.PathLike, specs: list[TensorSpec]):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: list[TensorSpec],
+        before_rename: Callable[[], None] | None = None,
+    ):
         self.path = Path(path)
+        self.before_rename = before_rename
         self.tmp = partial_path(self.path)
         self.specs = {s.name: s for s in specs}
         header, self.offsets = layout(specs)
@@ -301,6 +309,8 @@ class ShardWriter:
             raise RuntimeError(f"{self.path.name}: tensors never produced: {missing}")
         try:
             self.out.close()
+            if self.before_rename is not None:
+                self.before_rename()
         except BaseException:
             self.tmp.unlink(missing_ok=True)
             raise

@@ -21,12 +21,15 @@ def quantize_task(
     config,
     device: str = "cpu",
     limit: str | None = None,
+    key: str | None = None,
 ) -> Manifest:
     """Quantize one shard from downloaded `paths` with `config` (None copies, as reindex does).
 
     `limit` names the Prefect global concurrency limit of `device`, so shards on
     one GPU never compete for its memory, whichever process or machine runs them.
+    `key` is recorded beside the shard before it gets its final name.
     """
     schemes = config.config_groups if config is not None else {}
+    opener = lambda f: open(paths[f], "rb")  # noqa: E731
     with concurrency(limit, strict=True) if limit else nullcontext():
-        return write_shard(shard, lambda f: open(paths[f], "rb"), Path(out_dir), schemes, device)
+        return write_shard(shard, opener, Path(out_dir), schemes, device, claim=key)

@@ -247,3 +247,30 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(tmp_path):
     config = resolve_config("NVFP4A16", ignore=["lm_head"], observer="nvfp4_expanded_mse")
     quantize_folder(src, tmp_path / "want", config)
     assert files(tmp_path / "out") == files(tmp_path / "want")
+
+
+@pytest.mark.slow
+def test_a_shard_finished_but_not_recorded_is_kept_not_rewritten(tmp_path, prefect_server):
+    """A kill after a shard got its final name, before its result was stored (here: the
+    result store and the finalize step are undone): the rerun keeps every finished file
+    as it is (inode, mtime) and ends identical to an uninterrupted run."""
+    import shutil
+
+    from tests.helpers import run
+
+    src = build_checkpoint(tmp_path / "src", "llama", shards=3)
+    out = tmp_path / "out"
+    run(str(src), str(out), scheme="W4A16")
+
+    def stats() -> dict:
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.safetensors")}
+
+    before = stats()
+    assert len(before) == 3
+    shutil.rmtree(out / ".ptqflow" / "results")
+    for name in ("config.json", "model.safetensors.index.json"):
+        (out / name).unlink()
+    summary = run(str(src), str(out), scheme="W4A16")
+    assert stats() == before and summary.cached == 3
+    quantize_folder(src, tmp_path / "want", resolve_config("W4A16", ignore=IGNORE))
+    assert files(out) == files(tmp_path / "want")

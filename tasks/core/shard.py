@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 import torch
 
+from storage.dest import write_atomic
 from storage.errors import disk_full_is
 from storage.safetensors import DTYPE_NAMES, ShardWriter, read_tensor
 from tasks.core.codecs import Codec
@@ -72,6 +73,27 @@ def unit_outputs(unit, tensors: list, schemes: dict, device) -> list[tuple]:
     ]
 
 
+def claim_path(out_dir: Path, name: str) -> Path:
+    """Where the key of the shard `name` written into `out_dir` is recorded."""
+    return out_dir / ".ptqflow" / "shards" / f"{name}.key"
+
+
+def claimed(out_dir: Path, name: str, key: str) -> bool:
+    """Whether `out_dir` holds the shard `name` whole, written for `key`: its key was recorded
+    before the rename that gave it its name, so a run killed after that rename, before its
+    result was stored, is not redone (its finished file is never rewritten)."""
+    try:
+        return (out_dir / name).is_file() and claim_path(out_dir, name).read_text() == key
+    except OSError:
+        return False
+
+
+def _record(out_dir: Path, name: str, key: str) -> None:
+    path = claim_path(out_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, key.encode())
+
+
 def write_shard(
     shard: ShardPlan,
     open_source: Callable[[str], BinaryIO],
@@ -79,6 +101,7 @@ def write_shard(
     schemes: dict,
     device: str | torch.device = "cpu",
     overlap: bool | None = None,
+    claim: str | None = None,
 ) -> Manifest:
     """Write one output shard into `out_dir`, tensor by tensor; returns its manifest.
 
@@ -87,7 +110,8 @@ def write_shard(
     one fused set) are in memory at a time; three with `overlap`, the default
     on a GPU (see `_overlapped`). The manifest's `stages` holds the seconds
     spent reading (and dequantizing a pre-quantized source), quantizing and
-    writing (with fsync); the upload stage adds the shard's hash.
+    writing (with fsync); the upload stage adds the shard's hash. `claim` (the
+    shard's key) is recorded beside it before the rename (see `claimed`).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -115,7 +139,8 @@ def write_shard(
             if overlap
             else files
         )
-        writer = stack.enter_context(ShardWriter(out_dir / shard.name, shard.specs))
+        record = (lambda: _record(out_dir, shard.name, claim)) if claim else None
+        writer = stack.enter_context(ShardWriter(out_dir / shard.name, shard.specs, record))
         codec = Codec(shard.source_format) if shard.source_format else None
         side = torch.cuda.Stream(device) if cuda and overlap else None
 
