@@ -23,8 +23,8 @@ from numba.extending import intrinsic
 
 INT, FP8, FP4 = 0, 1, 2
 _HIGH = np.uint32(0xFFFF0000)
-# groups of up to this many values are summed in the kernel; in larger ones (channels, blocks)
-# the bound on torch's rounding leaves too many sums unsure, and torch sums them all
+# groups of up to this many values are summed in the kernel (`search`); in larger ones (channels,
+# blocks) the bound on torch's rounding leaves too many sums unsure, and torch sums them all
 FUSED_VALUES = 256
 
 
@@ -61,13 +61,10 @@ def search(x, scale, zero, args, norm: float, best, step, first: int) -> torch.T
     torch's. Where every float32 in that interval rounds to the same finite
     bfloat16, that is torch's error; where not (about 1 in 1,000 errors of 16
     values, 1 in 200 of 128), torch sums the terms, and torch's advance takes
-    those groups. In larger groups (channels, blocks) too many sums are unsure:
-    torch sums them all.
+    those groups. Groups of more than FUSED_VALUES values are not for it.
     """
     from tasks.core.observers import advance
 
-    if x.shape[1] > FUSED_VALUES:
-        return advance(errors(x, scale, zero, args, norm), best, step, first)
     quantizer, values, scales, zeros = _operands(x, scale, zero, args, norm)
     kind, asym, lo, hi, power, fp8 = quantizer
     sums = np.empty(scales.shape[::-1], dtype=np.float32)  # (groups, steps): a group's adjacent

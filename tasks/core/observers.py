@@ -203,20 +203,31 @@ def errors(values: torch.Tensor, scale, zero, args, norm: float) -> torch.Tensor
     mse_kernel = _kernel_module()
     if mse_kernel is not None and mse_kernel.handles(values):
         return mse_kernel.errors(values, scale, zero, args, norm)
+    return _torch_errors(values, scale, zero, args, norm)
+
+
+def _torch_errors(values: torch.Tensor, scale, zero, args, norm: float) -> torch.Tensor:
     each = zip(scale, zero, strict=True)
     return torch.stack([_error(values, s, z, args, norm) for s, z in each])
 
 
-def _stepper(weight: torch.Tensor):
-    """How runs of `weight`'s groups go through a window of steps: the compiled kernel's fused
-    search where it handles the weight (checked once: it reads every value), else
-    advance(errors(values, scale, zero, args, norm), best, step, first)."""
+def _stepper(weight: torch.Tensor, width: int):
+    """How runs of `weight`'s groups of `width` values go through a window of steps.
+
+    The compiled kernel handles the weight or not (checked once: it reads every
+    value). It runs the fused search on groups it can sum itself; on larger ones
+    (channels, blocks) it computes the terms and torch sums them; otherwise torch
+    computes everything. Either of the last two is then `advance`d.
+    """
     mse_kernel = _kernel_module()
+    score = _torch_errors
     if mse_kernel is not None and mse_kernel.handles(weight):
-        return mse_kernel.search
+        if width <= mse_kernel.FUSED_VALUES:
+            return mse_kernel.search
+        score = mse_kernel.errors
 
     def steps(values, scale, zero, args, norm: float, best, step, first: int) -> torch.Tensor:
-        return advance(errors(values, scale, zero, args, norm), best, step, first)
+        return advance(score(values, scale, zero, args, norm), best, step, first)
 
     return steps
 
@@ -304,7 +315,7 @@ def searched_minmax(weight: torch.Tensor, args, search: Search, parallel=map, bu
     lo = torch.amin(x, dim=(0, -1)) * search.expand
     hi = torch.amax(x, dim=(0, -1)) * search.expand
     values, lo_, hi_ = x.reshape(-1, x.shape[-1]), lo.reshape(-1), hi.reshape(-1)
-    count, factors, steps = len(values), search.factors, _stepper(weight)
+    count, factors, steps = len(values), search.factors, _stepper(weight, values.shape[1])
     best = torch.full((count,), torch.finfo(lo.dtype).max, dtype=lo.dtype)
     step = torch.zeros(count, dtype=torch.long)
     done, stale = 0, 0
