@@ -107,15 +107,17 @@ def plan_checkpoint(
 
     groups = assign_groups(weights, config)
     targeted = assign_groups(weights, _without_ignore(config))
-    tied = tied_modules(model_config, {w.rpartition(".")[0] for w in groups})
-    if tied:
-        config.ignore = list(config.ignore or []) + sorted(tied)
-        for m in tied:
-            groups.pop(f"{m}.weight", None)
-        report.callouts.append(
-            f"tie_word_embeddings is set: {', '.join(sorted(tied))} stay unquantized "
-            "so the tied weights stay identical"
-        )
+    if config.kv_cache_scheme is not None:
+        report.callouts.append(KV_CACHE_WARNING)
+    tied = sorted(tied_modules(model_config, {w.rpartition(".")[0] for w in groups}))
+    _leave_unquantized(
+        tied,
+        config,
+        groups,
+        report,
+        "tie_word_embeddings is set",
+        " so the tied weights stay identical",
+    )
     unquantized = set(mtp_modules(model_config, {w.rpartition(".")[0] for w in weights}))
     mtp = [
         m
@@ -123,17 +125,15 @@ def plan_checkpoint(
         if f"{m}.weight" in groups
         and not named_by(config.config_groups[groups[f"{m}.weight"]].targets, m)
     ]
-    if config.kv_cache_scheme is not None:
-        report.callouts.append(KV_CACHE_WARNING)
-    if mtp:
-        config.ignore = list(config.ignore or []) + mtp
-        for m in mtp:
-            groups.pop(f"{m}.weight")
-        report.callouts.append(
-            f"multi-token-prediction layers: {', '.join(mtp)} stay unquantized, as vLLM's MTP "
-            "drafter builds them (eh_proj a plain Linear, shared_head.head an LM head, "
-            "embed_tokens an embedding); a config target naming them quantizes them"
-        )
+    _leave_unquantized(
+        mtp,
+        config,
+        groups,
+        report,
+        "multi-token-prediction layers",
+        ", as vLLM's MTP drafter builds them (eh_proj a plain Linear, shared_head.head an LM "
+        "head, embed_tokens an embedding); a config target naming them quantizes them",
+    )
     for name in list(groups):
         w = weights[name]
         if len(w.shape) != 2:
@@ -208,6 +208,15 @@ def plan_checkpoint(
     out_config = _config_dict(config, kept, ignored, codec) if config.config_groups else None
     plan = Plan(folder.url, out_config, plan_shards, other, fingerprints, fmt)
     return plan, report
+
+
+def _leave_unquantized(modules: list[str], config, groups: dict, report: Report, what, why):
+    """Take targeted `modules` out of `groups` and into the config's ignore list, saying so."""
+    if modules:
+        config.ignore = list(config.ignore or []) + modules
+        for m in modules:
+            groups.pop(f"{m}.weight", None)
+        report.callouts.append(f"{what}: {', '.join(modules)} stay unquantized{why}")
 
 
 def _without_ignore(config):
