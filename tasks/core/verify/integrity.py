@@ -88,7 +88,8 @@ def check_integrity(source: Folder, quantized: Folder) -> Integrity:
             f"config.json: quantization_status is {qc.get('quantization_status')!r}; loaders "
             "decompress only 'compressed' checkpoints"
         )
-    _compare_configs(source, config, plan, v)
+    source_config = json.loads(source.read_text(CONFIG))
+    _compare_configs(source_config, config, plan, v)
     for rel in plan.other_files:
         if rel not in files:
             v.problems.append(f"{rel}: in SOURCE but missing from QUANTIZED")
@@ -111,7 +112,7 @@ def check_integrity(source: Folder, quantized: Folder) -> Integrity:
     v.size_out = sum(r.stop - r.start for r in located.values())
     stored = _compare_tensors(plan, located, results, v)
     check_vllm_layout(results, schemes, stored)
-    _check_mtp(json.loads(source.read_text(CONFIG)), located, v)
+    _check_mtp(source_config, located, v)
     return Integrity(plan, schemes, stored, results, v)
 
 
@@ -131,7 +132,7 @@ def _check_mtp(model_config: dict, located: dict[str, Read], v: Verification) ->
             )
 
 
-def _compare_configs(source: Folder, config: dict, plan: Plan, v: Verification) -> None:
+def _compare_configs(source_config: dict, config: dict, plan: Plan, v: Verification) -> None:
     def canonical(d: dict) -> dict:
         return json.loads(json.dumps({k: x for k, x in d.items() if k != "version"}))
 
@@ -143,8 +144,8 @@ def _compare_configs(source: Folder, config: dict, plan: Plan, v: Verification) 
             f"config_groups and ignore list ({', '.join(keys)})"
         )
     rest = {k: x for k, x in config.items() if k != "quantization_config"}
-    src_config = json.loads(source.read_text("config.json"))
-    src_config.pop("quantization_config", None)  # a pre-quantized SOURCE's
+    # without a pre-quantized SOURCE's quantization_config
+    src_config = {k: x for k, x in source_config.items() if k != "quantization_config"}
     if rest != src_config:
         keys = sorted(
             k for k in rest.keys() | src_config.keys() if rest.get(k) != src_config.get(k)
