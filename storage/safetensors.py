@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import signal
 import struct
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +30,11 @@ import torch
 from storage.direct import open_output
 from storage.errors import PtqflowError
 from storage.names import partial_path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no leases, so every tensor is read
+    fcntl = None
 
 # safetensors' dtype names -> torch's, for the dtypes this torch has (float8_e8m0fnu came in 2.7)
 DTYPES: dict[str, torch.dtype] = {
@@ -175,15 +182,16 @@ def read_tensor(
 ) -> torch.Tensor:
     """The bytes [start, stop) of an open file as a CPU tensor.
 
-    A tensor of a local file is a private mapping of just its own pages: the
-    page cache is not copied, and the pages are unmapped when the tensor is
-    freed. Other files (fsspec streams) and small tensors are read into an
+    A tensor of a local file that `f` holds a read lease on (see `_leased`) is
+    a private mapping of just its own pages: the page cache is not copied, and
+    the pages are unmapped when the tensor is freed. Other files (fsspec
+    streams, files without a lease) and small tensors are read into an
     uninitialized buffer (a zeroed bytearray would write every page once more).
     `pin` reads into page-locked memory, from which a copy to a GPU runs
     asynchronously.
     """
     n, fd = stop - start, None if pin or stop - start < MMAP_MIN else _fileno(f)
-    if fd is not None and os.fstat(fd).st_size >= stop:
+    if fd is not None and _leased(f, fd) and os.fstat(fd).st_size >= stop:
         base = start - start % mmap.ALLOCATIONGRANULARITY
         mapped = mmap.mmap(fd, stop - base, offset=base, access=mmap.ACCESS_COPY)
         buf = torch.frombuffer(mapped, dtype=torch.uint8, offset=start - base, count=n)
@@ -195,13 +203,56 @@ def read_tensor(
     return buf.view(DTYPES[dtype]).reshape(shape)
 
 
+# file object -> whether it holds a read lease (False where none could be taken)
+_LEASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _leased(f: BinaryIO, fd: int) -> bool:
+    """Whether `f`'s pages may be mapped: only under a read lease (fcntl(2) F_SETLEASE).
+
+    A file truncated under a mapping kills the process with SIGBUS. Under a
+    lease, another process that opens the file for writing or truncates it
+    waits instead (up to /proc/sys/fs/lease-break-time, 45 s by default), and
+    the next tensor read from `f` raises a clear error; closing `f` lets that
+    process go on. Where no lease can be taken (a file of another user, a
+    filesystem without leases, an OS without them), tensors are read, never mapped.
+    """
+    leased = _LEASES.get(f)
+    if leased is None:
+        leased = _LEASES[f] = _take_lease(fd)
+    if leased and fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK:
+        raise PtqflowError(
+            f"{_name(f)} is being changed by another process (opened for writing or "
+            "truncated) while ptqflow reads it; let that finish, then run the same command "
+            "again: finished shards are kept"
+        )
+    return leased
+
+
+def _take_lease(fd: int) -> bool:
+    if fcntl is None or not hasattr(fcntl, "F_SETLEASE"):
+        return False
+    try:
+        # a lease break signals its holder, with SIGIO unless told otherwise, and SIGIO
+        # would kill the process: SIGURG is ignored unless handled (the lease is polled)
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:
+        return False
+    return True
+
+
+def _name(f: BinaryIO) -> str:
+    return str(getattr(f, "path", getattr(f, "name", "a source file")))
+
+
 def read_into(f: BinaryIO, start: int, view: memoryview) -> None:
     """Fill `view` with the bytes of `f` from offset `start`."""
     f.seek(start)
     got = f.readinto(view)
     if got != len(view):
         raise PtqflowError(
-            f"{getattr(f, 'path', getattr(f, 'name', 'a source file'))} ended early "
+            f"{_name(f)} ended early "
             f"({got} of {len(view)} bytes at offset {start}); was it modified during the run?"
         )
 

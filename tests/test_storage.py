@@ -132,6 +132,62 @@ def test_read_tensor_maps_local_files_and_reads_streams(tmp_path):
         )
 
 
+LEASE_CHECK = """
+import fcntl, subprocess, sys, time
+import torch
+from safetensors.torch import save
+from storage.errors import PtqflowError
+from storage.safetensors import read_file_header, read_tensor
+
+path = sys.argv[1]
+tensors = {"a": torch.randn(1024, 1024), "b": torch.randn(1024, 1024)}
+open(path, "wb").write(save(tensors))
+header = read_file_header(path)
+def read(f, name):
+    info = header.tensors[name]
+    start = header.data_start + info.start
+    return read_tensor(f, start, start + info.nbytes, info.dtype, info.shape)
+f = open(path, "rb")
+a = read(f, "a")
+other = subprocess.Popen([sys.executable, "-c", f"import os; os.truncate({path!r}, 8)"])
+deadline = time.monotonic() + 30
+while fcntl.fcntl(f.fileno(), fcntl.F_GETLEASE) == fcntl.F_RDLCK and time.monotonic() < deadline:
+    time.sleep(0.01)
+assert other.poll() is None, "the truncation did not wait for the reader"
+assert torch.equal(a, tensors["a"])  # every page still there: no SIGBUS
+try:
+    read(f, "b")
+    raise SystemExit("no error for a source being changed")
+except PtqflowError as e:
+    print(e)
+del a  # its mapping holds the file open, lease and all
+f.close()
+assert other.wait(30) == 0
+"""
+
+
+def test_a_source_truncated_while_mapped_waits_and_gives_a_clear_error(tmp_path):
+    """Another process truncates a source while a tensor of it is mapped: without a read lease
+    the next touch of that tensor dies of SIGBUS. With one, the truncation waits, the mapped
+    tensor stays whole, the next read names the file, and freeing the file (with its mapped
+    tensors) lets the truncation on."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-c", LEASE_CHECK, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+    assert f"{path} is being changed by another process" in done.stdout
+    assert "run the same command again" in done.stdout
+    assert path.stat().st_size == 8  # the truncation went on once the reader closed
+
+
 def test_copied_tensors_stream_through_a_small_buffer(tmp_path, mode, monkeypatch):
     """ShardWriter.copy in pieces of an odd size (partial blocks everywhere): save()'s bytes."""
     import storage.safetensors as st
