@@ -24,6 +24,8 @@ from storage.source import Folder, hub_errors
 
 MARKER = ".ptqflow/dest.json"
 LEASE = ".ptqflow/lease.json"  # in the staging folder: DEST itself when local
+# in the staging folder: shards uploaded to a Hub DEST's LFS store, not yet committed
+PENDING = ".ptqflow/pending"
 DERIVED = (CONFIG, INDEX)
 
 
@@ -103,10 +105,8 @@ class Dest:
         return self.folder.fs.exists(self.path(rel))
 
     def size(self, rel: str) -> int | None:
-        try:
-            return int(self.folder.fs.size(self.path(rel)))
-        except FileNotFoundError:
-            return None
+        info = self.info(rel)
+        return None if info is None else info["size"]
 
     def entries(self) -> list[str]:
         """Names directly inside DEST (empty if it does not exist)."""
@@ -167,7 +167,7 @@ class Dest:
         if self.folder.is_hub:
             from huggingface_hub import HfApi
 
-            repo_id = self.folder.root.partition("@")[0]  # the repo may not exist yet
+            repo_id = self._repo()[0]
             with hub_errors(f"destination {self.url}"):
                 HfApi().create_repo(repo_id, private=self.private, exist_ok=True)
             fs.invalidate_cache()  # it remembers that the repo did not exist
@@ -184,9 +184,10 @@ class Dest:
                         path.unlink()
             else:
                 fs.rm(self.folder.root, recursive=True)
-        self.write(MARKER, json.dumps({"source": Folder(source).url}).encode())
-        for name in DERIVED:
-            self.remove(name)
+                shutil.rmtree(self.staging / PENDING, ignore_errors=True)
+        marker = json.dumps({"source": Folder(source).url}).encode()
+        ours = self.exists(MARKER) and self.read(MARKER).encode() == marker
+        self.commit({} if ours else {MARKER: marker}, [d for d in DERIVED if self.exists(d)])
         self.staging.mkdir(parents=True, exist_ok=True)
 
     def read(self, rel: str) -> str:
@@ -201,8 +202,17 @@ class Dest:
         else:
             self.folder.fs.pipe_file(self.path(rel), data)
 
-    def put(self, local: Path, rel: str) -> None:
-        """Store the finished local file `local` as `rel` (no-op when already in place)."""
+    def put(self, local: Path, rel: str) -> str:
+        """Store the finished local file `local` as `rel` (no-op when already in place);
+        returns its digest ("ALGORITHM:HEX", see `digest_algorithm`).
+
+        Into a Hub DEST the file goes to the repo's LFS store only, and is recorded
+        in the staging folder: `finish` commits every such file at once (a commit
+        per shard would run into the Hub's commit rate limits on a large model).
+        """
+        if self.folder.is_hub:
+            return self._preupload(local, rel)
+        digest = file_digest(local, self.digest_algorithm)
         if self.folder.is_local:
             target = Path(self.path(rel))
             if local.resolve() != target.resolve():
@@ -210,11 +220,98 @@ class Dest:
                 tmp = partial_path(target)
                 shutil.copyfile(local, tmp)
                 os.replace(tmp, target)
+        else:
+            self.folder.fs.put_file(str(local), self.path(rel))
+            local.unlink()
+        return digest
+
+    def _preupload(self, local: Path, rel: str) -> str:
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        add = CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(local))
+        repo_id, revision = self._repo()
+        with hub_errors(f"destination {self.url}"):
+            # an object the store already holds (a rerun after a kill) is not sent again
+            HfApi().preupload_lfs_files(repo_id, [add], revision=revision)
+        info = add.upload_info
+        record = {"sha256": info.sha256.hex(), "size": info.size}
+        if add._upload_mode == "lfs":
+            local.unlink()
+        else:  # committed with its content: staged until then
+            record["staged"] = str(local)
+        pending = self.staging / PENDING / f"{rel}.json"
+        pending.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(pending, json.dumps(record).encode())
+        return f"sha256:{record['sha256']}"
+
+    def _pending(self) -> dict[str, dict]:
+        """Files uploaded to a Hub DEST's LFS store and not yet committed."""
+        folder = self.staging / PENDING
+        if not self.folder.is_hub or not folder.is_dir():
+            return {}
+        return {p.name[: -len(".json")]: json.loads(p.read_text()) for p in folder.glob("*.json")}
+
+    def _repo(self) -> tuple[str, str | None]:
+        """A Hub DEST's (repo id, revision); the repo may not exist yet."""
+        repo_id, _, revision = self.folder.root.partition("@")
+        return repo_id, revision or None
+
+    def commit(self, files: dict[str, bytes], remove: list[str], shards: list[str] = ()) -> None:
+        """Remove `remove`, then store `files` in their order (config.json last).
+
+        A Hub DEST gets it all in one commit, with those of `shards` that were
+        uploaded since the last commit (see `put`); other uploads are forgotten.
+        """
+        if not self.folder.is_hub:
+            for rel in remove:
+                self.remove(rel)
+            for rel, data in files.items():
+                self.write(rel, data)
             return
-        self.folder.fs.put_file(str(local), self.path(rel))
+        pending = self._pending()
+        if shards:
+            for rel in set(pending) - set(shards):
+                self._forget(rel, pending.pop(rel))
+        else:
+            pending = {}
+        if not (files or remove or pending):
+            return
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+        from huggingface_hub.lfs import UploadInfo
+
+        ops: list = [CommitOperationDelete(rel) for rel in remove]
+        for rel, record in sorted(pending.items()):
+            if "staged" in record:
+                ops.append(CommitOperationAdd(rel, record["staged"]))
+                continue
+            # uploaded by an earlier process, maybe: the commit needs only its oid and size
+            add = CommitOperationAdd(rel, b"")
+            add.upload_info = UploadInfo(
+                size=record["size"], sample=b"", sha256=bytes.fromhex(record["sha256"])
+            )
+            add._upload_mode, add._is_uploaded = "lfs", True
+            ops.append(add)
+        ops += [CommitOperationAdd(rel, data) for rel, data in files.items()]
+        repo_id, revision = self._repo()
+        with hub_errors(f"destination {self.url}"):
+            HfApi().create_commit(
+                repo_id, ops, commit_message="ptqflow: quantized checkpoint", revision=revision
+            )
+        self.folder.fs.invalidate_cache()
+        for rel, record in pending.items():
+            self._forget(rel, record)
+
+    def _forget(self, rel: str, record: dict) -> None:
+        (self.staging / PENDING / f"{rel}.json").unlink()
+        if "staged" in record:
+            Path(record["staged"]).unlink(missing_ok=True)
 
     def info(self, rel: str) -> dict | None:
-        """Size and a cheap change stamp (mtime or ETag) of `rel`, or None if absent."""
+        """Size and a cheap change stamp (mtime, ETag, or an LFS file's sha256) of `rel`,
+        or None if absent. A shard uploaded to a Hub DEST but not yet committed counts."""
+        record = self._pending().get(rel)
+        if record is not None:
+            return {"size": record["size"], "stamp": record["sha256"]}
         try:
             info = self.folder.fs.info(self.path(rel))
         except FileNotFoundError:
@@ -240,6 +337,9 @@ class Dest:
         """ "ALGORITHM:HEX" of the file `rel` in DEST."""
         if self.folder.is_local:
             return file_digest(self.path(rel), algorithm)
+        record = self._pending().get(rel)
+        if record is not None and algorithm == "sha256":
+            return f"sha256:{record['sha256']}"
         with self.folder.open(rel) as f:
             return stream_digest(f, algorithm)
 

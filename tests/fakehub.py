@@ -200,7 +200,7 @@ class FakeHub:
         self.tree_page_size = 1000  # the Hub's page size (50 with expand=True)
         self._repos: dict[str, _Repo] = {}
         self._lfs_objects: dict[str, bytes] = {}  # sha256 -> content: LFS uploads + committed files
-        self._failures: list[list] = []  # [path substring, remaining, kind, method]
+        self._failures: list[list] = []  # [path substring, remaining, kind, method, body part]
         self._digests: dict[tuple[str, bytes], str] = {}
         self._counter = 0
         self._lock = threading.RLock()
@@ -270,13 +270,15 @@ class FakeHub:
         *,
         kind: int | str = 500,
         method: str | None = None,
+        body_contains: bytes = b"",
     ) -> None:
         """Make the next ``times`` requests whose path contains ``path_contains`` (and whose method
-        is ``method``, if given) fail. ``kind``: an HTTP status (500, 503, 429...) answered with a
-        JSON error; ``"drop"``: close the connection without answering; ``"truncate"``: answer
-        normally but close the connection after half of the body (use ``method="GET"``)."""
+        is ``method``, and whose body contains ``body_contains``, if given) fail. ``kind``: an HTTP
+        status (500, 503, 429...) answered with a JSON error; ``"drop"``: close the connection
+        without answering; ``"truncate"``: answer normally but close the connection after half of
+        the body (use ``method="GET"``)."""
         with self._lock:
-            self._failures.append([path_contains, times, kind, method])
+            self._failures.append([path_contains, times, kind, method, body_contains])
 
     def clear_log(self) -> None:
         with self._lock:
@@ -292,7 +294,7 @@ class FakeHub:
         with self._lock:
             self.requests.append((req.method, unquote(raw_path)))
             self.request_headers.append(headers)
-            failure = self._pop_failure(req.method, unquote(raw_path))
+            failure = self._pop_failure(req.method, unquote(raw_path), req.body)
         if failure == "drop":
             handler.close_connection = True
             return
@@ -311,10 +313,15 @@ class FakeHub:
         if truncate:  # the client sees the connection die mid-body
             handler.close_connection = True
 
-    def _pop_failure(self, method: str, path: str) -> int | str | None:
+    def _pop_failure(self, method: str, path: str, body: bytes) -> int | str | None:
         for rule in self._failures:
-            substring, remaining, kind, only_method = rule
-            if remaining > 0 and substring in path and only_method in (None, method):
+            substring, remaining, kind, only_method, in_body = rule
+            if (
+                remaining > 0
+                and substring in path
+                and only_method in (None, method)
+                and in_body in body
+            ):
                 rule[1] -= 1
                 return kind
         return None

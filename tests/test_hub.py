@@ -75,17 +75,47 @@ def test_revision_pins_the_source(tmp_path, prefect_server, fake_hub, hub_model)
 def test_hf_destination(tmp_path, prefect_server, fake_hub):
     from huggingface_hub import HfApi
 
-    src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=2)
+    src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=3)
     result = run(str(src), "hf://me/tiny-moe-fp8", "FP8_BLOCK", private=True)
-    assert result.quantized == 2
+    assert result.quantized == 3
     quantize_folder(src, tmp_path / "want", resolve_config("FP8_BLOCK", ignore=IGNORE))
     got = {k: v for k, v in fake_hub.files("me/tiny-moe-fp8").items() if not k.startswith(".")}
     assert got == files(tmp_path / "want")
     assert HfApi().model_info("me/tiny-moe-fp8").private
-    # config.json arrives in the last commit: the repo never looked complete before
+    # the repo's creation, ptqflow's marker, then one commit with every shard, config.json in it:
+    # the repo never looked complete before, and 3 shards did not make 3 commits
     api = HfApi()
     commits = api.list_repo_commits("me/tiny-moe-fp8")
+    assert len(commits) == 3, [c.title for c in commits]
     before_last = api.list_repo_files("me/tiny-moe-fp8", revision=commits[1].commit_id)
-    assert "config.json" not in before_last
+    assert not [f for f in before_last if not f.startswith(".")], before_last
     again = run(str(src), "hf://me/tiny-moe-fp8", "FP8_BLOCK")
-    assert (again.quantized, again.cached) == (0, 2)
+    assert (again.quantized, again.cached) == (0, 3)
+    # config.json and the index leave while it runs, and come back with the final commit
+    assert len(api.list_repo_commits("me/tiny-moe-fp8")) == 5
+
+
+def test_hf_destination_resumes_uploads_without_sending_them_again(
+    tmp_path, prefect_server, fake_hub
+):
+    """The final commit fails: the shards were already uploaded to the LFS store, so the rerun
+    sends none of them again and commits them all at once."""
+    from huggingface_hub import HfApi
+
+    from storage.errors import PtqflowError
+
+    src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=3)
+    fake_hub.fail_next("/commit/", times=10, method="POST", body_contains=b"config.json")
+    with pytest.raises(PtqflowError, match="me/tiny"):
+        run(str(src), "hf://me/tiny-moe-fp8", "FP8_BLOCK")
+    fake_hub._failures.clear()
+    assert not [f for f in fake_hub.files("me/tiny-moe-fp8") if f.endswith(".safetensors")]
+    fake_hub.clear_log()
+    again = run(str(src), "hf://me/tiny-moe-fp8", "FP8_BLOCK")
+    assert (again.quantized, again.cached) == (0, 3)
+    assert not [r for r in fake_hub.requests if "lfs-upload" in r[1]], fake_hub.requests
+    quantize_folder(src, tmp_path / "want", resolve_config("FP8_BLOCK", ignore=IGNORE))
+    got = {k: v for k, v in fake_hub.files("me/tiny-moe-fp8").items() if not k.startswith(".")}
+    assert got == files(tmp_path / "want")
+    commits = HfApi().list_repo_commits("me/tiny-moe-fp8")
+    assert len(commits) == 3, [c.title for c in commits]

@@ -24,21 +24,25 @@ def finalize(plan: Plan, source: Folder, dest: Dest, manifests: list[Manifest]) 
                 f"output shard {m.name} is missing or changed in {dest.url}; run again to redo it"
             )
     names = {s.name for s in plan.shards}
-    for entry in dest.entries():
-        if (entry.endswith(".safetensors") and entry not in names) or entry.endswith(PARTIAL):
-            dest.remove(entry)
+    stale = [
+        entry
+        for entry in dest.entries()
+        if (entry.endswith(".safetensors") and entry not in names) or entry.endswith(PARTIAL)
+    ]
+    files = {}
     for rel in plan.other_files:
         with source.open(rel) as f:
-            dest.write(rel, f.read())
+            files[rel] = f.read()
     index = {
         "metadata": {"total_size": plan.total_size},
         "weight_map": dict(sorted(plan.weight_map().items())),
     }
-    dest.write(INDEX, json.dumps(index, indent=2).encode() + b"\n")
+    files[INDEX] = json.dumps(index, indent=2).encode() + b"\n"
     model_config = json.loads(source.read_text(CONFIG))
     if plan.config is not None:
         model_config["quantization_config"] = plan.config
     elif plan.source_format is not None:  # dequantized
         model_config.pop("quantization_config", None)
-    dest.write(CONFIG, (json.dumps(model_config, indent=2, sort_keys=True) + "\n").encode())
+    files[CONFIG] = (json.dumps(model_config, indent=2, sort_keys=True) + "\n").encode()
+    dest.commit(files, stale, shards=[m.name for m in manifests])
     return index

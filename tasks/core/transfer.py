@@ -7,7 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from storage.dest import Dest, default_state_dir
-from storage.direct import file_digest
 from storage.source import Folder
 from tasks.core.records import Manifest
 
@@ -26,19 +25,15 @@ def download(source: Folder, files: list[str], cache_dir: str | None) -> dict[st
 
 
 def upload(manifest: Manifest, dest: Dest) -> Manifest:
-    """Hash the staged shard, put it into DEST (a no-op for a local DEST), stamp the manifest.
+    """Put the staged shard into DEST (a no-op for a local DEST), hashed; stamp the manifest.
 
     Hashing here rather than while quantizing lets it run beside the next
     shard's quantization: the flow chains the stages per shard.
     """
     started = time.perf_counter()
-    staged = dest.staging / manifest.name
-    digest = file_digest(staged, dest.digest_algorithm)
-    dest.put(staged, manifest.name)
+    digest = dest.put(dest.staging / manifest.name, manifest.name)
     info = dest.info(manifest.name)
     if info is None or info["size"] != manifest.size:
         raise OSError(f"{manifest.name} did not arrive whole in {dest.url}")
-    if not dest.folder.is_local:
-        Path(staged).unlink(missing_ok=True)
     stages = {**manifest.stages, "upload": round(time.perf_counter() - started, 3)}
     return replace(manifest, digest=digest, stamp=info["stamp"], stages=stages)
