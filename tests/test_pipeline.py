@@ -15,7 +15,6 @@ import fsspec
 import psutil
 import pytest
 
-from flows.results import stored_manifest
 from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint
 from tests.helpers import (
@@ -137,59 +136,73 @@ def server_processes(home: str) -> list[psutil.Process]:
     return found
 
 
-def test_kill_9_then_rerun_resumes_byte_identical(tmp_path):
-    """kill -9 of the CLI's whole process group mid-run; the rerun redoes only the rest."""
+def finished_shards(out: Path) -> dict[str, tuple[int, int, str]]:
+    """(mtime, inode, sha256) of every shard under its final name in `out`."""
+    return {
+        p.name: (p.stat().st_mtime_ns, p.stat().st_ino, sha(p))
+        for p in sorted(out.glob("model-*.safetensors"))
+    }
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_kill_9_at_random_moments_then_rerun_resumes_byte_identical(tmp_path, seed):
+    """kill -9 of the CLI's whole process group at random moments (planning, quantizing,
+    hashing, finalizing), again and again: a shard file under its final name is never touched
+    again (mtime, inode, hash), nothing of a killed run keeps running, and the run that
+    finishes ends byte-identical to an uninterrupted one."""
+    import random
+
     from benchmarks.make_checkpoint import make_checkpoint
 
-    src = make_checkpoint(tmp_path / "src", size_gb=0.4, shard_gb=0.025, hidden=1024)
+    src = make_checkpoint(tmp_path / "src", size_gb=0.3, shard_gb=0.025, hidden=1024)
     n_shards = len(list(src.glob("*.safetensors")))
     out = tmp_path / "out"
     home = str(tmp_path / "prefect-home")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=home, PYTHONPATH=str(ROOT))
-    cmd = [
-        *CLI,
-        "quantize",
-        str(src),
-        str(out),
-        "--scheme",
-        "NVFP4A16",
-        "--ignore",
-        "lm_head",
-        "--device",
-        "cpu",
-    ]
-    proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 300
-    while len(list(out.glob("model-*.safetensors"))) < 3:
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before the kill"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(1)
-    # finished = its result was recorded; a shard file the kill caught before that is in flight
-    store = out / ".ptqflow" / "results"
-    records = [stored_manifest(store, p.name) for p in store.iterdir()] if store.exists() else []
-    finished = {m.name: (out / m.name).stat().st_mtime_ns for m in records}
-    finished = {n: (mtime, sha(out / n)) for n, mtime in finished.items()}
-    assert 1 <= len(finished) < n_shards
-    assert (
-        not (out / "config.json").exists() and not (out / "model.safetensors.index.json").exists()
-    )
-    assert server_processes(home) == []  # nothing of the killed run is left running
+    cmd = [*CLI, "quantize", str(src), str(out), "--scheme", "NVFP4A16"]
+    cmd += ["--ignore", "lm_head", "--device", "cpu"]
+    rng = random.Random(seed)
+    kept: dict[str, tuple[int, int, str]] = {}
+    kills = 0
+    index = out / "model.safetensors.index.json"
 
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    cached = [line.split()[0] for line in rerun.stdout.splitlines() if " cached " in line]
-    assert set(finished) <= set(cached)
-    for name, (mtime, digest) in finished.items():
-        assert ((out / name).stat().st_mtime_ns, sha(out / name)) == (mtime, digest), name
+    def wait(until) -> None:
+        while not until() and proc.poll() is None:
+            time.sleep(0.002)
+
+    for attempt in range(6):
+        proc = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        done = len(list(out.glob("model-*.safetensors")))
+        if attempt in (0, 2, 3):  # quantizing or hashing: a random moment after a new shard
+            wait(lambda done=done: len(list(out.glob("model-*.safetensors"))) > done)
+            time.sleep(rng.uniform(0, 1))
+        elif attempt == 1:  # starting or planning
+            time.sleep(rng.uniform(0, 12))
+        elif attempt == 4:  # finalizing: between the index and config.json
+            wait(index.exists)
+        if attempt < 5 and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            time.sleep(1)
+            assert server_processes(home) == []  # nothing of the killed run is left running
+        else:
+            output = proc.communicate(timeout=600)[0].decode()
+            assert proc.returncode == 0, output[-3000:]
+        now = finished_shards(out)
+        for name, stamp in kept.items():
+            assert now.get(name) == stamp, f"{name} was touched after it was finished"
+        kept.update(now)
+        if proc.returncode == 0:
+            break
+    assert kills >= 4 and 1 <= len(kept) <= n_shards, (kills, len(kept))
     assert server_processes(home) == []
     quantize_folder(src, tmp_path / "want", resolve_config("NVFP4A16", ignore=["lm_head"]))
     assert files(out) == files(tmp_path / "want")
-    assert not list(out.glob(".*.partial"))
+    assert not list(out.glob("*.partial")) and not list(out.glob(".*.partial"))
 
 
 def test_artifacts_and_remote_result_storage(tmp_path, prefect_server):
