@@ -33,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def imported() -> None:
+    """Called by each long-running command before its work: `main` starts it without the
+    cyclic garbage collector, so imports and checks run without its sweeps over the millions
+    of objects that torch, transformers and Prefect create (0.65 s of compressed-tensors' 4.3 s
+    import here). What exists now is frozen out of every later collection, which resumes."""
+    gc.freeze()
+    gc.enable()
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     """flow.serve for users who want the simplest server setup: this process runs the flows."""
     from prefect import serve
@@ -41,6 +50,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from flows.reindex import reindex_fused_weights
     from flows.verify import verify_checkpoint
 
+    imported()
     serve(
         quantize_checkpoint.to_deployment(name="quantize", tags=["ptqflow"]),
         reindex_fused_weights.to_deployment(name="reindex", tags=["ptqflow"]),
@@ -80,6 +90,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         source_settings=options.json_object(params["source_settings"], "--source-settings"),
     )
     Dest(params["destination"]).check(plan.source, params["overwrite"])
+    imported()
     with prefect_server():
         summary = run_quantize(**params)
     print_summary(summary)
@@ -159,6 +170,7 @@ def cmd_reindex(a: argparse.Namespace) -> int:
     from flows.reindex import reindex_fused_weights
     from flows.server import prefect_server
 
+    imported()
     with prefect_server():
         summary = reindex_fused_weights(**options.REINDEX.values(a))
     print(f"wrote {len(summary.shards)} shard(s) to {summary.destination}")
@@ -175,6 +187,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
     # What makes verification impossible (no SOURCE, no quantization_config) before Prefect.
     check_devices(a.device)
     check_integrity(open_source(a.source, a.revision), open_quantized(a.quantized))
+    imported()
     with prefect_server():
         result = run_verify(**options.VERIFY.values(a))
     c, worst = result["counts"], result["worst"]
@@ -213,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if args.debug:
         os.environ["PTQFLOW_DEBUG"] = "1"
+    gc.disable()  # until the command's work starts: see `imported`
     try:
         return COMMANDS[args.command](args)
     except PtqflowError as e:
@@ -223,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ptqflow: interrupted; run the same command again to resume", file=sys.stderr)
         return INTERRUPTED
+    finally:
+        gc.enable()
 
 
 def run() -> None:
