@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import threading
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from prefect import task
@@ -11,6 +12,16 @@ from prefect.concurrency.sync import concurrency
 
 from tasks.core.records import Manifest, ShardPlan
 from tasks.core.shard import write_shard
+
+# Device limits of runs whose tasks are threads of this process: a semaphore each, taken the
+# moment it is free, where a Prefect global limit is polled on its server (seconds per shard)
+LOCAL_LIMITS: dict[str, threading.BoundedSemaphore] = {}
+
+
+def _slot(limit: str | None) -> AbstractContextManager:
+    if limit is None:
+        return nullcontext()
+    return LOCAL_LIMITS.get(limit) or concurrency(limit, strict=True)
 
 
 @task(name="quantize", cache_policy=NO_CACHE)
@@ -25,11 +36,12 @@ def quantize_task(
 ) -> Manifest:
     """Quantize one shard from downloaded `paths` with `config` (None copies, as reindex does).
 
-    `limit` names the Prefect global concurrency limit of `device`, so shards on
-    one GPU never compete for its memory, whichever process or machine runs them.
+    `limit` names the concurrency limit of `device` (in LOCAL_LIMITS, or Prefect's
+    global one), so shards on one GPU never compete for its memory, whichever process
+    or machine runs them.
     `key` is recorded beside the shard before it gets its final name.
     """
     schemes = config.config_groups if config is not None else {}
     opener = lambda f: open(paths[f], "rb")  # noqa: E731
-    with concurrency(limit, strict=True) if limit else nullcontext():
+    with _slot(limit):
         return write_shard(shard, opener, Path(out_dir), schemes, device, claim=key)

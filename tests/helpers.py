@@ -7,9 +7,12 @@ prequantized.py; the references: reference.py, fakehub.py), never from each othe
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,3 +166,35 @@ def hold_lease(dest: Path) -> Iterator[subprocess.Popen]:
     finally:
         holder.kill()
         holder.wait()
+
+
+@contextlib.contextmanager
+def concurrency_limits():
+    """Record this run's Prefect global concurrency limits while it runs, from the API:
+    {name: (slots, most slots taken at once)}."""
+    from prefect.client.orchestration import get_client
+
+    seen: dict[str, tuple[int, int]] = {}
+    stop, started = threading.Event(), threading.Event()
+
+    def poll() -> None:
+        with get_client(sync_client=True) as client:
+            # limits an earlier test's run left on the shared server are not this run's
+            before = {limit.name for limit in client.read_global_concurrency_limits(limit=200)}
+            started.set()
+            while not stop.is_set():
+                for limit in client.read_global_concurrency_limits(limit=200):
+                    if limit.name.startswith("ptqflow-") and limit.name not in before:
+                        _, most = seen.get(limit.name, (0, 0))
+                        seen[limit.name] = (limit.limit, max(most, limit.active_slots))
+                time.sleep(0.05)
+
+    context = contextvars.copy_context()  # the test server's settings
+    thread = threading.Thread(target=context.run, args=(poll,), daemon=True)
+    thread.start()
+    started.wait(30)
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(timeout=30)

@@ -4,14 +4,12 @@ parameters say (num_workers, a list of devices)."""
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import subprocess
 import sys
 import threading
 import time
 import typing
-from contextlib import contextmanager
 
 import pytest
 
@@ -217,51 +215,30 @@ print(sorted(m for m in {HEAVY!r} if m in sys.modules))
 # --- the flows run their shards as their parameters say ---------------------------------
 
 
-@contextmanager
-def concurrency_limits():
-    """Record this run's Prefect global concurrency limits while it runs, from the API:
-    {name: (slots, most slots taken at once)}."""
-    from prefect.client.orchestration import get_client
-
-    seen: dict[str, tuple[int, int]] = {}
-    stop, started = threading.Event(), threading.Event()
-
-    def poll() -> None:
-        with get_client(sync_client=True) as client:
-            # limits an earlier test's run left on the shared server are not this run's
-            before = {limit.name for limit in client.read_global_concurrency_limits(limit=200)}
-            started.set()
-            while not stop.is_set():
-                for limit in client.read_global_concurrency_limits(limit=200):
-                    if limit.name.startswith("ptqflow-") and limit.name not in before:
-                        _, most = seen.get(limit.name, (0, 0))
-                        seen[limit.name] = (limit.limit, max(most, limit.active_slots))
-                time.sleep(0.05)
-
-    context = contextvars.copy_context()  # the test server's settings
-    thread = threading.Thread(target=context.run, args=(poll,), daemon=True)
-    thread.start()
-    started.wait(30)
-    try:
-        yield seen
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-
-
 @pytest.fixture
 def slow_shards(monkeypatch):
     """Each shard holds its device's slot for at least a second, so shards that may run
-    together do."""
+    together do. Yields what was seen: the most shards quantizing at once, and the names
+    of the in-process device limits while they did."""
     import tasks.quantize
 
     write = tasks.quantize.write_shard
+    seen, lock = {"now": 0, "most": 0, "limits": set()}, threading.Lock()
 
     def slow(*args, **kwargs):
-        time.sleep(1.0)
-        return write(*args, **kwargs)
+        with lock:
+            seen["now"] += 1
+            seen["most"] = max(seen["most"], seen["now"])
+            seen["limits"].update(tasks.quantize.LOCAL_LIMITS)
+        try:
+            time.sleep(1.0)
+            return write(*args, **kwargs)
+        finally:
+            with lock:
+                seen["now"] -= 1
 
     monkeypatch.setattr(tasks.quantize, "write_shard", slow)
+    return seen
 
 
 @pytest.mark.slow
@@ -269,11 +246,10 @@ def test_reindex_copies_num_workers_shards_at_once(tmp_path, prefect_server, slo
     from flows.reindex import reindex_fused_weights
 
     src = build_checkpoint(tmp_path / "src", "llama", shards=3)
-    with concurrency_limits() as seen:
-        summary = reindex_fused_weights(str(src), str(tmp_path / "re"), num_workers=2)
+    summary = reindex_fused_weights(str(src), str(tmp_path / "re"), num_workers=2)
     assert len(summary.shards) == 3
-    (name,) = seen  # one limit, the CPU's: num_workers slots, all of them used
-    assert name.endswith("-cpu") and seen[name] == (2, 2), seen
+    (name,) = slow_shards["limits"]  # one limit, the CPU's: num_workers slots, all of them used
+    assert name.endswith("-cpu") and slow_shards["most"] == 2, slow_shards
 
 
 def test_device_list_reaches_the_flow():
@@ -306,17 +282,16 @@ def test_model_free_ptq_spreads_shards_over_a_device_list(tmp_path, prefect_serv
     from flows import model_free_ptq
 
     src = build_checkpoint(tmp_path / "src", "llama", shards=3)
-    with concurrency_limits() as seen:
-        summary = model_free_ptq(
-            src,
-            tmp_path / "out",
-            scheme="FP8_DYNAMIC",
-            ignore=IGNORE,
-            max_workers=2,
-            device=["cpu", "cpu"],
-        )
+    summary = model_free_ptq(
+        src,
+        tmp_path / "out",
+        scheme="FP8_DYNAMIC",
+        ignore=IGNORE,
+        max_workers=2,
+        device=["cpu", "cpu"],
+    )
     assert summary.quantized == 3
-    (name,) = seen
-    assert name.endswith("-cpu") and seen[name] == (2, 2), seen
+    (name,) = slow_shards["limits"]
+    assert name.endswith("-cpu") and slow_shards["most"] == 2, slow_shards
     quantize_folder(src, tmp_path / "want", resolve_config("FP8_DYNAMIC", ignore=IGNORE))
     assert files(tmp_path / "out") == files(tmp_path / "want")
