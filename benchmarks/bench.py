@@ -25,6 +25,7 @@ overlaps the next shard's stages.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -39,7 +40,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks.core.devices import usable_cpus  # noqa: E402  (no torch: the parent stays small)
+from flows.server import server_process  # noqa: E402  (no Prefect: the parent stays small)
+from tasks.core.devices import usable_cpus  # noqa: E402  (no torch either)
 
 DEFAULT_SCHEMES = "FP8_BLOCK,FP8_DYNAMIC,W4A16,NVFP4A16"
 STAGES = ("read", "quantize", "write", "upload")
@@ -69,16 +71,35 @@ def child_plain(
 def child_flow(
     src: str, dst: str, scheme: str, max_workers: int, ignore: list[str], observer: str | None
 ) -> dict:
-    """`ptqflow quantize`, as a user runs it."""
+    """`ptqflow quantize`, as a user runs it (against the server bench.py keeps running).
+
+    Besides the whole process, it reports when the CLI handed over to the flow
+    (`called`, epoch seconds: imports and checks before it) and the flow's own
+    seconds from its start to finalize's end (`flow`)."""
+    import flows.quantize
     from flows.cli import main
 
+    run, seen = flows.quantize.run_quantize, {}
+
+    def timed_run(**params):
+        seen["called"] = time.time()
+        seen["summary"] = run(**params)
+        return seen["summary"]
+
+    flows.quantize.run_quantize = timed_run  # cmd_quantize imports it when it runs
     argv = ["quantize", src, dst, "--scheme", scheme, "--max-workers", str(max_workers)]
     argv += ["--observer", observer] if observer else []
     start = time.perf_counter()
     rc = main(argv + [x for m in ignore for x in ("--ignore", m)])
     if rc:
         raise SystemExit(rc)
-    return {"seconds": time.perf_counter() - start, "stages": {}}
+    shards = seen["summary"].shards
+    return {
+        "seconds": time.perf_counter() - start,
+        "stages": {k: sum(m.stages.get(k, 0.0) for m in shards) for k in STAGES},
+        "called": seen["called"],
+        "flow": seen["summary"].seconds,
+    }
 
 
 def run_child(cmd: list[str]) -> dict:
@@ -88,8 +109,10 @@ def run_child(cmd: list[str]) -> dict:
     (RUSAGE_CHILDREN would give the largest of all children so far).
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        spawned, start = time.time(), time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -98,6 +121,9 @@ def run_child(cmd: list[str]) -> dict:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
         result = json.loads(out.read().strip().splitlines()[-1])
     result["peak_rss"] = usage.ru_maxrss * 1024
+    result["wall"] = wall  # the whole process: interpreter, imports, exit
+    if "called" in result:  # the product path: what a user waits for is the whole process
+        result["startup"], result["seconds"] = result.pop("called") - spawned, wall
     return result
 
 
@@ -203,8 +229,9 @@ def compare(ours: Path, theirs: Path) -> tuple[int, list[str]]:
     return len(set(a) & set(b)), problems
 
 
-def run_scheme(scheme: str, src: Path, work: Path, cmds: dict, repeat: int) -> dict:
-    """Every tool `repeat` times, alternating; per tool the list of run results."""
+def run_scheme(scheme: str, src: Path, work: Path, cmds: dict, repeat: int, size: int) -> dict:
+    """Every tool `repeat` times, alternating; per tool the medians, then the ratios
+    and the comparison of ptqflow's output with llm-compressor's."""
     runs: dict[str, list[dict]] = {tool: [] for tool in cmds}
     for i in range(repeat):
         for tool, (cmd, tail) in cmds.items():
@@ -217,11 +244,29 @@ def run_scheme(scheme: str, src: Path, work: Path, cmds: dict, repeat: int) -> d
                 f"peak RSS {result['peak_rss'] / 2**20:7.0f} MiB",
                 flush=True,
             )
-    return runs
+    r = {"tools": {tool: summarize(rs, size) for tool, rs in runs.items()}}
+    if "llmcompressor" in runs:
+        ours, theirs = r["tools"]["ptqflow"], r["tools"]["llmcompressor"]
+        r["ratios"] = {
+            "throughput": ours["gb_per_s"] / theirs["gb_per_s"],
+            "peak_rss": ours["peak_rss_mib"] / theirs["peak_rss_mib"],
+        }
+        pair = [str(work / f"{tool}-{scheme}") for tool in ("ptqflow", "llmcompressor")]
+        c = run_child([sys.executable, str(HERE / "bench.py"), "--child", "compare", *pair])
+        r["compared"], r["differences"] = c["compared"], c["differences"]
+        r["identical"] = not r["differences"]
+    if "ptqflow-flow" in runs:
+        pair = [str(work / f"{tool}-{scheme}") for tool in ("ptqflow-flow", "ptqflow")]
+        c = run_child([sys.executable, str(HERE / "bench.py"), "--child", "compare", *pair])
+        r["flow_identical"] = not c["differences"]
+    for tool in cmds:
+        shutil.rmtree(work / f"{tool}-{scheme}", ignore_errors=True)
+    return r
 
 
 def summarize(runs: list[dict], source_bytes: int) -> dict:
-    """Medians over runs: seconds, GB/s, peak RSS (MiB) and per-stage seconds."""
+    """Medians over runs: seconds, GB/s, peak RSS (MiB), per-stage seconds, the whole
+    process's seconds and, for the product path, its start-up and flow seconds."""
     seconds = statistics.median(r["seconds"] for r in runs)
     stages = {
         k: statistics.median(r["stages"][k] for r in runs)
@@ -233,6 +278,11 @@ def summarize(runs: list[dict], source_bytes: int) -> dict:
         "gb_per_s": source_bytes / 1e9 / seconds,
         "peak_rss_mib": statistics.median(r["peak_rss"] for r in runs) / 2**20,
         "stages": stages,
+        **{
+            k: statistics.median(r[k] for r in runs)
+            for k in ("wall", "startup", "flow")
+            if k in runs[0]
+        },
         "runs": runs,
     }
 
@@ -262,6 +312,37 @@ def print_table(results: dict, source_bytes: int) -> None:
                 print(f"{'':<14} {line}")
             if len(r["differences"]) > 20:
                 print(f"{'':<14} ... {len(r['differences']) - 20} more")
+
+
+def print_product(results: dict) -> None:
+    """`ptqflow quantize` (--flow) beside the direct path, and where its extra time goes:
+    start-up (process start to the flow: interpreter, imports, planning, checks), the flow
+    (its start to finalize's end, against the direct path's same work) and the rest (the
+    flow run's creation and end, exit); then its whole process against llm-compressor's."""
+    print("\nproduct path: `ptqflow quantize`, a Prefect server running; whole processes; medians")
+    head = (
+        f"{'scheme':<12} {'direct s':>9} {'flow s':>7} {'flow/direct':>12} {'start-up s':>11} "
+        f"{'rest s':>7} {'product s':>10} {'llmc s':>7} {'llmc/product':>13} {'RSS ratio':>10} "
+        f"{'same bytes':>10}"
+    )
+    print(head)
+    print("-" * len(head))
+    for scheme, r in results.items():
+        direct, product = r["tools"]["ptqflow"], r["tools"]["ptqflow-flow"]
+        rest = product["wall"] - product["startup"] - product["flow"]
+        llmc = r["tools"].get("llmcompressor")
+        theirs = (
+            f"{llmc['wall']:>7.2f} {llmc['wall'] / product['wall']:>12.2f}x "
+            f"{product['peak_rss_mib'] / llmc['peak_rss_mib']:>9.2f}x"
+            if llmc
+            else f"{'-':>7} {'-':>13} {'-':>10}"
+        )
+        print(
+            f"{scheme:<12} {direct['seconds']:>9.2f} {product['flow']:>7.2f} "
+            f"{product['flow'] / direct['seconds']:>11.2f}x {product['startup']:>11.2f} "
+            f"{rest:>7.2f} {product['wall']:>10.2f} {theirs} "
+            f"{'yes' if r['flow_identical'] else 'NO':>10}"
+        )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -313,27 +394,17 @@ def main(argv=None) -> None:
         flush=True,
     )
     results = {}
-    try:
-        for scheme in a.schemes.split(","):
-            runs = run_scheme(scheme, src, work, cmds, a.repeat)
-            r = {"tools": {tool: summarize(rs, source_bytes) for tool, rs in runs.items()}}
-            if "llmcompressor" in runs:
-                ours, theirs = r["tools"]["ptqflow"], r["tools"]["llmcompressor"]
-                r["ratios"] = {
-                    "throughput": ours["gb_per_s"] / theirs["gb_per_s"],
-                    "peak_rss": ours["peak_rss_mib"] / theirs["peak_rss_mib"],
-                }
-                pair = [str(work / f"{tool}-{scheme}") for tool in ("ptqflow", "llmcompressor")]
-                c = run_child([sys.executable, str(HERE / "bench.py"), "--child", "compare", *pair])
-                r["compared"], r["differences"] = c["compared"], c["differences"]
-                r["identical"] = not r["differences"]
-            for tool in cmds:
-                shutil.rmtree(work / f"{tool}-{scheme}", ignore_errors=True)
-            results[scheme] = r
-    finally:
+    with contextlib.ExitStack() as stack:
         if not a.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
+            stack.callback(shutil.rmtree, work, ignore_errors=True)
+        if a.flow and not os.environ.get("PREFECT_API_URL"):
+            # as the README advises users: one server kept running, not one per command
+            os.environ["PREFECT_API_URL"] = stack.enter_context(server_process())
+        for scheme in a.schemes.split(","):
+            results[scheme] = run_scheme(scheme, src, work, cmds, a.repeat, source_bytes)
     print_table(results, source_bytes)
+    if a.flow:
+        print_product(results)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2, default=str))
 

@@ -6,21 +6,25 @@ The checkpoint is bench.py's synthetic one (1.6 GB, built if missing). It is
 quantized once (FP8_BLOCK, untimed); then every command below runs --repeat
 times in a fresh process, alternating, and the median is printed:
 
-  help        ptqflow --help
-  plan        ptqflow plan SRC --scheme FP8_BLOCK
-  imports     python -c "import prefect, torch, compressed_tensors"
-  prefect     a flow with one task: Prefect's own start-up
-  rerun       ptqflow quantize SRC OUT --scheme FP8_BLOCK (every shard cached)
+  help         ptqflow --help
+  plan         ptqflow plan SRC --scheme FP8_BLOCK
+  import X     python -c "import X": torch; compressed_tensors (which imports torch
+               and transformers, whatever is used of it); prefect; all three
+  first shard  ptqflow quantize SRC NEW --scheme FP8_BLOCK until its first shard
+               file appears in NEW (the run then goes on to the end, untimed)
+  prefect      a flow with one task: Prefect's own start-up
+  rerun        ptqflow quantize SRC OUT --scheme FP8_BLOCK (every shard cached)
 
-`prefect` and `rerun` run twice: against a Prefect server kept running (one is
-started here unless PREFECT_API_URL is set), and with no PREFECT_API_URL, when
-Prefect starts a temporary server and ptqflow its own.
+`first shard`, `prefect` and `rerun` run against a Prefect server kept running (one
+is started here unless PREFECT_API_URL is set); `prefect` and `rerun` also with no
+PREFECT_API_URL, when Prefect starts a temporary server and ptqflow its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,12 +46,23 @@ trivial()
 """
 
 
-def timed(cmd: list[str], env: dict) -> float:
+def timed(cmd: list[str], env: dict, first_file_in: Path | None = None) -> float:
+    """Seconds `cmd` runs; with `first_file_in`, until a file appears in that new folder."""
     start = time.perf_counter()
-    subprocess.run(
-        cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    return time.perf_counter() - start
+    seconds = None
+    while first_file_in is not None and proc.poll() is None:
+        if any(first_file_in.glob("*.safetensors*")):
+            seconds = time.perf_counter() - start
+            break
+        time.sleep(0.01)
+    if proc.wait():
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    if first_file_in is not None:
+        shutil.rmtree(first_file_in)
+    return seconds if seconds is not None else time.perf_counter() - start
 
 
 def main(argv=None) -> None:
@@ -76,10 +91,16 @@ def main(argv=None) -> None:
     with prefect_server() as url:
         running = {**base, "PREFECT_API_URL": url}
         subprocess.run(quantize, cwd=ROOT, env=running, check=True, capture_output=True)
+        new = work / "new"
+        first = [*cli, "quantize", src, str(new), "--scheme", "FP8_BLOCK", "--ignore", "lm_head"]
         commands = {
             "help": ([*cli, "--help"], base),
             "plan": ([*cli, "plan", src, "--scheme", "FP8_BLOCK"], base),
+            "import torch": ([py, "-c", "import torch"], base),
+            "import compressed_tensors": ([py, "-c", "import compressed_tensors"], base),
+            "import prefect": ([py, "-c", "import prefect"], base),
             "imports": ([py, "-c", "import prefect, torch, compressed_tensors"], base),
+            "first shard, running server": (first, running, new),
             "prefect, running server": ([py, str(work / "trivial.py")], running),
             "rerun, running server": (quantize, running),
             "prefect, temporary server": ([py, str(work / "trivial.py")], base),
@@ -87,12 +108,12 @@ def main(argv=None) -> None:
         }
         times: dict[str, list[float]] = {k: [] for k in commands}
         for _ in range(a.repeat):
-            for name, (cmd, env) in commands.items():
-                times[name].append(timed(cmd, env))
+            for name, (cmd, env, *folder) in commands.items():
+                times[name].append(timed(cmd, env, *folder))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{'command':<28} {'median s':>9}   runs")
+    print(f"{'command':<30} {'median s':>9}   runs")
     for name, values in times.items():
-        print(f"{name:<28} {med[name]:>9.2f}   {' '.join(f'{x:.2f}' for x in values)}")
+        print(f"{name:<30} {med[name]:>9.2f}   {' '.join(f'{x:.2f}' for x in values)}")
     for mode, prefect in (
         ("running server", "prefect, running server"),
         ("own server", "prefect, temporary server"),

@@ -135,6 +135,20 @@ def _tail(f, size: int = 2000) -> str:
 
 
 @contextlib.contextmanager
+def server_process(timeout: float = 120.0) -> Iterator[str]:
+    """`prefect server start` on 127.0.0.1 for the duration; yields its API URL.
+    Imports no Prefect, so a benchmark's parent process stays small."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "0"}
+    options = f"--host 127.0.0.1 --port {port} --no-services".split()
+    argv = [sys.executable, "-m", "prefect", "server", "start", *options]
+    what = f"prefect server on port {port}"
+    with background(argv, lambda: healthy(url), timeout=timeout, what=what, env=env):
+        yield url
+
+
+@contextlib.contextmanager
 def prefect_server(timeout: float = 120.0) -> Iterator[str]:
     """Use PREFECT_API_URL if set; else run a server on 127.0.0.1 for the duration."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -143,13 +157,7 @@ def prefect_server(timeout: float = 120.0) -> Iterator[str]:
     if PREFECT_API_URL.value():
         yield PREFECT_API_URL.value()
         return
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "0"}
-    options = f"--host 127.0.0.1 --port {port} --no-services".split()
-    argv = [sys.executable, "-m", "prefect", "server", "start", *options]
-    what = f"prefect server on port {port}"
-    with background(argv, lambda: healthy(url), timeout=timeout, what=what, env=env):
+    with server_process(timeout) as url:
         with temporary_settings({PREFECT_API_URL: url}):
             os.environ["PREFECT_API_URL"] = url  # for subprocesses the run starts
             try:
