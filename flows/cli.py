@@ -68,15 +68,16 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from flows.server import prefect_server
     from storage.dest import Dest
     from tasks.core.devices import check_devices
-    from tasks.core.planner import plan_checkpoint
     from tasks.core.schemes import resolve_config
+    from tasks.plan import plan, planned
 
     params = options.COMMANDS[a.command].values(a)
     if a.command == "dequantize":
         params["config"] = DEQUANTIZE
     # Check everything that can be checked from headers before Prefect starts.
     check_devices(params["device"])
-    plan, _ = plan_checkpoint(
+    # what the flow plans from: its plan task takes the plan made here for the checks
+    args = (
         params["source"],
         resolve_config(
             params.get("scheme"),
@@ -84,14 +85,16 @@ def cmd_quantize(a: argparse.Namespace) -> int:
             params.get("ignore") or [],
             params.get("observer"),
         ),
-        revision=params["revision"],
-        source_format=params["source_format"],
-        keep_source_quantization=params.get("keep_source_quantization_for_ignored", False),
-        source_settings=options.json_object(params["source_settings"], "--source-settings"),
+        params.get("include_other_weights", False),
+        params["revision"],
+        params["source_format"],
+        params.get("keep_source_quantization_for_ignored", False),
+        options.json_object(params["source_settings"], "--source-settings"),
     )
-    Dest(params["destination"]).check(plan.source, params["overwrite"])
+    made = plan(*args)
+    Dest(params["destination"]).check(made[0].source, params["overwrite"])
     imported()
-    with prefect_server():
+    with planned(made, *args), prefect_server():
         summary = run_quantize(**params)
     print_summary(summary)
     return 0

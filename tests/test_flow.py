@@ -139,6 +139,31 @@ def test_cli_quantize_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_cli_plans_once(tmp_path, prefect_server, monkeypatch):
+    """The CLI plans for its checks before Prefect starts; the flow's plan task takes that
+    plan rather than reading every header again (from the Hub, a request per shard)."""
+    import tasks.core.planner
+    from flows.cli import main
+
+    planned, load_source = [], tasks.core.planner.load_source
+
+    def counted(folder):  # every plan reads the source's headers through it
+        planned.append(folder.url)
+        return load_source(folder)
+
+    monkeypatch.setattr(tasks.core.planner, "load_source", counted)
+    src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=2)
+    argv = ["quantize", str(src), str(tmp_path / "out"), "--scheme", "W4A16"]
+    argv += [x for pattern in IGNORE for x in ("--ignore", pattern)]
+    assert main(argv) == 0
+    assert planned == [str(src)]
+    assert main(argv) == 0  # the next command plans afresh
+    assert planned == [str(src)] * 2
+    quantize_folder(src, tmp_path / "plain", resolve_config("W4A16", ignore=IGNORE))
+    assert files(tmp_path / "out") == files(tmp_path / "plain")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["FP8_BLOCK", "NVFP4A16"])
 def test_memory_does_not_grow_with_shard_size(tmp_path, scheme):
     """Peak RSS while writing one shard is bounded by a tensor, not by the shard."""
