@@ -1,6 +1,7 @@
 """How accurate each data-free scheme × observer is: weight error, output error, perplexity.
 
     python benchmarks/accuracy.py [--schemes W4A16,NVFP4A16] [--seeds 3] [--train-seconds 240]
+        [--rotate]
 
 1. Layers with realistic statistics: Student-t(4) weights (out 1024 × in 2048)
    whose 16 outlier input columns are 8× larger, and inputs X (512 tokens)
@@ -13,6 +14,10 @@
    scheme × observer quantizes it with ptqflow (lm_head and embeddings left in
    BF16), transformers loads the result, and its perplexity on 1024 windows
    of held-out library files is compared with BF16's.
+
+With --rotate, every scheme × observer also runs after a Hadamard rotation
+(`--rotate hadamard`): the layer's W·Q is quantized and its output error is
+‖(XQ)Ŵᵀ - XWᵀ‖/‖XWᵀ‖ (XQ·(WQ)ᵀ = XWᵀ), the model's residual stream is rotated.
 
 Ŵ is what compressed-tensors decompresses from ptqflow's bytes. Nothing is
 downloaded: no model or dataset can be, here.
@@ -61,21 +66,26 @@ def layer(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w.to(torch.bfloat16), x
 
 
-def layer_errors(name: str, observer: str, seeds: int) -> dict:
+def layer_errors(name: str, observer: str, seeds: int, rotated: bool = False) -> dict:
     from tasks.core.compress import quantize_weights
+    from tasks.core.records import Rotation
+    from tasks.core.rotate import block_of, rotate
     from tasks.core.verify.accuracy import dequantized
 
     scheme = scheme_of(name, observer)
     weight_err, output_err, seconds = [], [], 0.0
     for seed in range(seeds):
         w, x = layer(seed)
+        y = x @ w.float().T
+        if rotated:  # the layer reads a rotated stream: W·Q, X·Q
+            r = Rotation("in", w.shape[1], block_of(w.shape[1]))
+            w, x = rotate(w, r), rotate(x, r)
         start = time.perf_counter()
         (state,) = quantize_weights([w], scheme)
         seconds += time.perf_counter() - start
         deq = dequantized(state, scheme, w.shape).float()
         wf = w.float()
         weight_err.append(float((deq - wf).norm() / wf.norm()))
-        y = x @ wf.T
         output_err.append(float((x @ deq.T - y).norm() / y.norm()))
     return {
         "weight": sum(weight_err) / seeds,
@@ -154,38 +164,45 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--train-seconds", type=float, default=240.0)
     p.add_argument("--no-model", action="store_true", help="layer errors only")
+    p.add_argument("--rotate", action="store_true", help="also every row after --rotate hadamard")
     a = p.parse_args(argv)
     from tasks.core.pipeline import quantize
     from tasks.core.schemes import resolve_config
 
     names = a.schemes.split(",")
-    rows = {(n, o): layer_errors(n, o, a.seeds) for n in names for o in OBSERVERS[n]}
+    rows = {
+        (n, o, r): layer_errors(n, o, a.seeds, r)
+        for n in names
+        for r in ((False, True) if a.rotate else (False,))
+        for o in OBSERVERS[n]
+    }
     model, base = None, None
     if not a.no_model:
         model = trained_model(a.train_seconds)
         base = perplexity(model)
         with tempfile.TemporaryDirectory() as work:
-            for (name, observer), row in rows.items():
-                out = Path(work) / f"{name}-{observer}"
+            for (name, observer, rotated), row in rows.items():
+                out = Path(work) / f"{name}-{observer}-{rotated}"
                 chosen = None if observer == "minmax" else observer
                 config = resolve_config(name, ignore=IGNORE, observer=chosen)
-                quantize(model, out, config)
+                quantize(model, out, config, rotate="hadamard" if rotated else "none")
                 row["ppl"] = perplexity(out)
     print(f"\nlayers: {a.seeds} seeds of W 1024×2048 (Student-t(4), 16 outlier input columns ×8),")
     print("X 512×2048 (8 outlier channels ×20); means over seeds")
     if base is not None:
         print(f"model: {MODEL.name}, perplexity per byte on held-out stdlib files, BF16 {base:.4f}")
     head = (
-        f"{'scheme':<10} {'observer':<20} {'weight err':>10} {'output err':>10} {'vs min-max':>10}"
+        f"{'scheme':<10} {'observer':<20} {'rotate':<8} {'weight err':>10} {'output err':>10} "
+        f"{'vs min-max':>10}"
     )
     head += f" {'seconds':>8}" + (f" {'ppl':>8} {'Δppl':>8}" if base is not None else "")
     print(head)
     print("-" * len(head))
-    for (name, observer), r in rows.items():
-        ref = rows[name, "minmax"]["output"]
+    for (name, observer, rotated), r in rows.items():
+        ref = rows[name, "minmax", False]["output"]
         line = (
-            f"{name:<10} {observer:<20} {r['weight']:>10.4f} {r['output']:>10.4f} "
-            f"{r['output'] / ref - 1:>+10.1%} {r['seconds']:>8.2f}"
+            f"{name:<10} {observer:<20} {'hadamard' if rotated else '-':<8} {r['weight']:>10.4f} "
+            f"{r['output']:>10.4f} {r['output'] / ref - 1:>+10.1%} {r['seconds']:>8.2f}"
         )
         if base is not None:
             line += f" {r['ppl']:>8.4f} {r['ppl'] - base:>+8.4f}"

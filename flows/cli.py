@@ -90,6 +90,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         params["source_format"],
         params.get("keep_source_quantization_for_ignored", False),
         options.json_object(params["source_settings"], "--source-settings"),
+        params.get("rotate"),
     )
     made = plan(*args)
     Dest(params["destination"]).check(made[0].source, params["overwrite"])
@@ -127,6 +128,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         source_format=a.source_format,
         keep_source_quantization=a.keep_source_quantization_for_ignored,
         source_settings=options.json_object(a.source_settings, "--source-settings"),
+        rotate=a.rotate,
     )
     if a.json:
         print(

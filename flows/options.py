@@ -221,6 +221,14 @@ KEEP = Option(
     default=False,
     type=bool,
 )
+ROTATE = Option(
+    "rotate",
+    "rotate the residual stream before quantizing (Hadamard, data-free): norms are folded into "
+    "the weights they feed, the rotation into the weights, so the model computes the same "
+    "function with no runtime op and its weights quantize with less error (helps INT4 most)",
+    default="none",
+    choices=("none", "hadamard"),
+)
 REVISION = Option("revision", "Hub SOURCE: branch, tag or commit (default: main)")
 CACHE_DIR = Option("cache_dir", "where remote source shards are downloaded")
 OVERWRITE = Option("overwrite", "delete what DEST holds first", default=False, type=bool)
@@ -285,6 +293,7 @@ QUANTIZE_ORDER = (
     "config",
     "ignore",
     "observer",
+    "rotate",
     "max_workers",
     "device",
     "overwrite",
@@ -306,7 +315,7 @@ QUANTIZE_ORDER = (
 QUANTIZE = Command(
     "quantize",
     "quantize SOURCE into DEST (flow quantize-checkpoint)",
-    _order((SOURCE, DEST, SCHEME, CONFIG, IGNORE, OBSERVER, *RUN, KEEP), QUANTIZE_ORDER),
+    _order((SOURCE, DEST, SCHEME, CONFIG, IGNORE, OBSERVER, ROTATE, *RUN, KEEP), QUANTIZE_ORDER),
     flow="quantize-checkpoint",
 )
 
@@ -327,6 +336,7 @@ PLAN = Command(
         CONFIG,
         IGNORE,
         OBSERVER,
+        ROTATE,
         SOURCE_FORMAT,
         SOURCE_SETTINGS,
         replace(KEEP, help="plan ignored layers of a pre-quantized SOURCE in its own quantization"),

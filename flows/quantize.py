@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from flows.options import QUANTIZE, SOURCE_FORMATS, TASK_RUNNERS, json_object
+from flows.options import QUANTIZE, ROTATE, SOURCE_FORMATS, TASK_RUNNERS, json_object
 from flows.shards import run_shards
 from storage.dest import Dest
 from storage.errors import PtqflowError
@@ -33,6 +33,7 @@ from tasks.verify import verify_task
 
 TaskRunnerName = Literal[TASK_RUNNERS]
 SourceFormatName = Literal[SOURCE_FORMATS]
+RotateName = Literal[ROTATE.choices]
 described, DEFAULTS = QUANTIZE.described, QUANTIZE.defaults
 
 
@@ -45,6 +46,7 @@ def quantize_checkpoint(
     config: Annotated[str | dict | None, described("config")] = DEFAULTS["config"],
     ignore: Annotated[list[str] | None, described("ignore")] = DEFAULTS["ignore"],
     observer: Annotated[str | None, described("observer")] = DEFAULTS["observer"],
+    rotate: Annotated[RotateName, described("rotate")] = DEFAULTS["rotate"],
     max_workers: Annotated[int, described("max_workers")] = DEFAULTS["max_workers"],
     device: Annotated[str | None, described("device")] = DEFAULTS["device"],
     overwrite: Annotated[bool, described("overwrite")] = DEFAULTS["overwrite"],
@@ -88,6 +90,7 @@ def quantize_checkpoint(
         source_format,
         keep_source_quantization_for_ignored,
         json_object(source_settings, "--source-settings"),
+        rotate,
     )
     dest = Dest(destination, private=private)
     with dest.writing(plan.source, overwrite):
@@ -193,6 +196,7 @@ def model_free_ptq(
     max_workers: int = 1,
     device=None,
     converter=None,
+    rotate: str = "none",
 ) -> Summary:
     """Drop-in for llm-compressor's `model_free_ptq`: same arguments, runs `quantize-checkpoint`.
 
@@ -201,6 +205,7 @@ def model_free_ptq(
     a list spreads shards over all of them. A `converter` of compressed-tensors
     (FP8BlockDequantizer, ...), or a list of them, names the source's format, and its
     settings (weight_block_size, AWQ's bits and group size) replace config.json's.
+    `rotate="hadamard"` (ptqflow's own) rotates the residual stream first, as --rotate.
     """
     source_format, source_settings = "auto", None
     if converter is not None:
@@ -220,4 +225,5 @@ def model_free_ptq(
         device=device_parameter(device),
         source_format=source_format,
         source_settings=json.dumps(source_settings) if source_settings else None,
+        rotate=rotate,
     )

@@ -25,11 +25,11 @@ def _key(args: tuple) -> str:
 
 def plan(*args) -> tuple[Plan, Report]:
     """plan_checkpoint(source, config, include_other_weights, revision, source_format,
-    keep_source_quantization, source_settings), or the plan `planned` holds for them."""
+    keep_source_quantization, source_settings, rotate), or the plan `planned` holds for them."""
     made = _MADE.get(_key(args))
     if made is not None:
         return made
-    source, config, include, revision, fmt, keep, settings = args
+    source, config, include, revision, fmt, keep, settings, rotate = args
     return plan_checkpoint(
         source,
         config,
@@ -38,6 +38,7 @@ def plan(*args) -> tuple[Plan, Report]:
         source_format=fmt,
         keep_source_quantization=keep,
         source_settings=settings,
+        rotate=rotate,
     )
 
 
@@ -62,6 +63,7 @@ def plan_task(
     source_format: str | None = None,
     keep_source_quantization: bool = False,
     source_settings: dict | None = None,
+    rotate: str | None = None,
 ) -> Plan:
     """Plan quantize-checkpoint from SOURCE's headers; the plan's callouts go to the run's log."""
     made, report = plan(
@@ -72,6 +74,7 @@ def plan_task(
         source_format,
         keep_source_quantization,
         source_settings,
+        rotate,
     )
     for line in report.callouts:
         get_run_logger().warning(line)

@@ -9,6 +9,7 @@ from storage.errors import PtqflowError
 from storage.names import CONFIG, INDEX, PARTIAL
 from storage.source import Folder
 from tasks.core.records import Manifest, Plan
+from tasks.core.rotate import ROTATION_KEY
 
 
 def finalize(plan: Plan, source: Folder, dest: Dest, manifests: list[Manifest]) -> dict:
@@ -43,6 +44,10 @@ def finalize(plan: Plan, source: Folder, dest: Dest, manifests: list[Manifest]) 
         model_config["quantization_config"] = plan.config
     elif plan.source_format is not None:  # dequantized
         model_config.pop("quantization_config", None)
+    if plan.rotation is not None:  # what verify re-applies; the model runs without it
+        model_config[ROTATION_KEY] = plan.rotation
+        if plan.rotation["untied"]:
+            model_config["tie_word_embeddings"] = False
     files[CONFIG] = (json.dumps(model_config, indent=2, sort_keys=True) + "\n").encode()
     dest.commit(files, stale, shards=[m.name for m in manifests])
     return index

@@ -20,6 +20,7 @@ from storage.source import Folder, open_source
 from tasks.core.checkpoint import Source, load_source, other_files, source_weights
 from tasks.core.codecs import Codec, decode_weights, detect_format, meta
 from tasks.core.records import Plan, ShardPlan, Unit
+from tasks.core.rotate import plan_rotation
 from tasks.core.schemes import KV_CACHE_WARNING
 from tasks.core.select import (
     EMBEDDING_LEAVES,
@@ -58,6 +59,7 @@ def plan_checkpoint(
     source_format: str | None = None,
     keep_source_quantization: bool = False,
     source_settings: dict | None = None,
+    rotate: str | None = None,  # or "none"
 ) -> tuple[Plan, Report]:
     """Validate SOURCE against `config` (a resolved QuantizationConfig) and plan every shard.
 
@@ -65,7 +67,8 @@ def plan_checkpoint(
     or `source_format`; `source_settings` replace its config's) is dequantized
     weight by weight; with `keep_source_quantization` the weights the config
     leaves unquantized keep the source's quantization. A config without groups
-    only dequantizes.
+    only dequantizes, unless `rotate` ("hadamard") rotates the residual stream (see
+    tasks/core/rotate.py), with or without quantizing.
     With `strict`, problems that would make the run fail (tensors the scheme
     cannot represent, split fused sets, undecodable source tensors) raise a
     PtqflowError listing all of them; otherwise they are returned in the report.
@@ -79,7 +82,8 @@ def plan_checkpoint(
     names = [n for h in src.headers.values() for n in h.tensors]
     side = json.loads(folder.read_text(MODELOPT_CONFIG)) if MODELOPT_CONFIG in src.files else None
     fmt = detect_format(model_config, names, source_format, side, source_settings)
-    if fmt is None and not config.config_groups:
+    rotate = None if rotate == "none" else rotate
+    if fmt is None and not config.config_groups and not rotate:
         raise PtqflowError(f"{folder.url} is not quantized: there is nothing to dequantize")
     per_file = source_weights(src.headers, split=fmt is None)
     codec, dropped = None, []
@@ -104,12 +108,21 @@ def plan_checkpoint(
                 )
             )
     weights = {w.name: w for ws in per_file.values() for w in ws}
+    rotation = None
+    if rotate:
+        rotation = plan_rotation(rotate, model_config, weights, per_file, keep_source_quantization)
+        per_file = {f: [weights[w.name] for w in ws] for f, ws in per_file.items()}
+        report.callouts.append(rotation.pop("callout"))
 
     groups = assign_groups(weights, config)
     targeted = assign_groups(weights, _without_ignore(config))
     if config.kv_cache_scheme is not None:
         report.callouts.append(KV_CACHE_WARNING)
-    tied = sorted(tied_modules(model_config, {w.rpartition(".")[0] for w in groups}))
+    tied = (  # a rotated checkpoint is untied: its lm_head is its own
+        []
+        if rotation
+        else sorted(tied_modules(model_config, {w.rpartition(".")[0] for w in groups}))
+    )
     _leave_unquantized(
         tied,
         config,
@@ -206,7 +219,7 @@ def plan_checkpoint(
     done = groups.keys() | kept.keys()
     ignored = [n for n in targeted if n not in done and len(weights[n].shape) == 2]
     out_config = _config_dict(config, kept, ignored, codec) if config.config_groups else None
-    plan = Plan(folder.url, out_config, plan_shards, other, fingerprints, fmt)
+    plan = Plan(folder.url, out_config, plan_shards, other, fingerprints, fmt, rotation)
     return plan, report
 
 

@@ -26,18 +26,33 @@ class Read:
 
 
 @dataclass(frozen=True)
+class Rotation:
+    """How a weight is rotated (tasks/core/rotate.py): `side` "in" (W·diag(norm)·Q), "out"
+    (Qᵀ·W) or "ones" (a norm folded into the linears it feeds); Q of `size`, built from
+    `block`-wide Hadamard blocks and the signs of `seed`."""
+
+    side: str
+    size: int
+    block: int
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Weight:
     """One output weight: `name` is its tensor name in the output (before compression).
 
     A weight the source stores quantized is read from its main tensor `read` and
     the tensors it is decoded with (`deps`: scales, shapes). `decoded` is its
     dtype and shape once dequantized; None keeps it in the source's format.
+    A rotated weight (`rotation`) reads the norm folded into it too (`norm`).
     """
 
     name: str
     read: Read
     deps: tuple[Read, ...] = ()
     decoded: tuple[str, tuple[int, ...]] | None = None
+    rotation: Rotation | None = None
+    norm: Read | None = None
 
     @property
     def module(self) -> str:
@@ -45,7 +60,7 @@ class Weight:
 
     @property
     def reads(self) -> tuple[Read, ...]:
-        return (self.read, *self.deps)
+        return (self.read, *self.deps, *((self.norm,) if self.norm else ()))
 
     @property
     def encoded(self) -> bool:
@@ -114,6 +129,7 @@ class Plan:
     other_files: list[str]
     fingerprints: dict[str, str] = field(default_factory=dict)  # source file -> version
     source_format: SourceFormat | None = None
+    rotation: dict | None = None  # how the residual stream was rotated, for config.json
 
     @property
     def total_size(self) -> int:

@@ -1,7 +1,7 @@
 """Write one output shard, unit by unit, streamed from its source files.
 
 The weight math is tasks/core/compress.py; here each unit is read (mapped, or
-pinned and copied for a GPU; dequantized for a pre-quantized source),
+pinned and copied for a GPU; dequantized for a pre-quantized source; rotated),
 quantized and written at its planned offset, with the stages overlapped on a GPU.
 """
 
@@ -22,6 +22,7 @@ from storage.safetensors import DTYPE_NAMES, ShardWriter, read_tensor
 from tasks.core.codecs import Codec
 from tasks.core.compress import Tensors, quantize_weights
 from tasks.core.records import Manifest, Read, ShardPlan, Unit
+from tasks.core.rotate import rotate
 
 
 def read_unit(
@@ -34,24 +35,28 @@ def read_unit(
     their copies to it do not block.
     """
     out, pin = [], torch.device(device).type == "cuda"
+
+    def read(r: Read) -> torch.Tensor:
+        return read_tensor(files[r.file], r.start, r.stop, r.dtype, r.shape, pin)
+
     for w in unit.weights:
-        tensors = {
-            r.tensor: read_tensor(files[r.file], r.start, r.stop, r.dtype, r.shape, pin)
-            for r in w.reads
-        }
+        tensors = {r.tensor: read(r) for r in (w.read, *w.deps)}
         if not w.encoded:
-            out.append(tensors[w.read.tensor])
-            continue
-        tensors = {k: t.to(device, non_blocking=True) for k, t in tensors.items()}
-        if w.decoded is None:
-            out.append(codec.keep(tensors))
-            continue
-        t = codec.decode(tensors)
-        if DTYPE_NAMES[t.dtype] != w.dtype or tuple(t.shape) != w.shape:
-            raise ValueError(
-                f"{w.name} dequantized to {DTYPE_NAMES[t.dtype]} {list(t.shape)}, "
-                f"the plan expected {w.dtype} {list(w.shape)}"
-            )
+            t = tensors[w.read.tensor]
+        else:
+            tensors = {k: t.to(device, non_blocking=True) for k, t in tensors.items()}
+            if w.decoded is None:
+                out.append(codec.keep(tensors))
+                continue
+            t = codec.decode(tensors)
+            if DTYPE_NAMES[t.dtype] != w.dtype or tuple(t.shape) != w.shape:
+                raise ValueError(
+                    f"{w.name} dequantized to {DTYPE_NAMES[t.dtype]} {list(t.shape)}, "
+                    f"the plan expected {w.dtype} {list(w.shape)}"
+                )
+        if w.rotation is not None:
+            norm = read(w.norm).to(device, non_blocking=True) if w.norm else None
+            t = rotate(t.to(device, non_blocking=True), w.rotation, norm)
         out.append(t)
     return out
 
@@ -200,8 +205,9 @@ def write_shard(
 
 
 def _copied(unit: Unit) -> bool:
-    """Is the unit written exactly as the source stores it (not quantized, not decoded)?"""
-    return unit.group is None and not any(w.encoded for w in unit.weights)
+    """Is the unit written exactly as the source stores it (not quantized, decoded or
+    rotated)?"""
+    return unit.group is None and not any(w.encoded or w.rotation for w in unit.weights)
 
 
 def _overlapped(

@@ -20,6 +20,7 @@ from storage.safetensors import FLOAT_DTYPES, Header, TensorSpec, read_header
 from storage.source import HUB_ID, Folder, open_source
 from tasks.core.compress import meta_outputs
 from tasks.core.records import Plan, Read
+from tasks.core.rotate import ROTATION_KEY
 from tasks.core.schemes import scheme_format
 from tasks.core.select import mtp_modules
 from tasks.core.verify.accuracy import error_limit
@@ -79,7 +80,10 @@ def check_integrity(source: Folder, quantized: Folder) -> Integrity:
 
     files = quantized.files()
     config, qconfig = read_quantization_config(quantized, files)
-    plan, report = plan_checkpoint(source, qconfig.model_copy(deep=True), strict=False)
+    rotate = (config.get(ROTATION_KEY) or {}).get("kind")  # the weights to compare are rotated
+    plan, report = plan_checkpoint(
+        source, qconfig.model_copy(deep=True), strict=False, rotate=rotate
+    )
     v = Verification(source.url, quantized.url)
     v.problems += [f"config.json: {p}" for p in report.problems]
     qc = config["quantization_config"]
@@ -144,8 +148,12 @@ def _compare_configs(source_config: dict, config: dict, plan: Plan, v: Verificat
             f"config_groups and ignore list ({', '.join(keys)})"
         )
     rest = {k: x for k, x in config.items() if k != "quantization_config"}
-    # without a pre-quantized SOURCE's quantization_config
+    # without a pre-quantized SOURCE's quantization_config; as a rotation leaves it
     src_config = {k: x for k, x in source_config.items() if k != "quantization_config"}
+    if plan.rotation is not None:
+        src_config[ROTATION_KEY] = plan.rotation
+        if plan.rotation["untied"]:
+            src_config["tie_word_embeddings"] = False
     if rest != src_config:
         keys = sorted(
             k for k in rest.keys() | src_config.keys() if rest.get(k) != src_config.get(k)
