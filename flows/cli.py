@@ -68,7 +68,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from flows.server import prefect_server
     from storage.dest import Dest
     from tasks.core.devices import check_devices
-    from tasks.core.schemes import resolve_config
+    from tasks.core.schemes import chosen_rotation, resolve_config
     from tasks.plan import plan, planned
 
     params = options.COMMANDS[a.command].values(a)
@@ -90,7 +90,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         params["source_format"],
         params.get("keep_source_quantization_for_ignored", False),
         options.json_object(params["source_settings"], "--source-settings"),
-        params.get("rotate"),
+        chosen_rotation(params.get("rotate"), params["config"]),
     )
     made = plan(*args)
     Dest(params["destination"]).check(made[0].source, params["overwrite"])
@@ -118,7 +118,7 @@ def print_summary(summary) -> None:
 
 def cmd_plan(a: argparse.Namespace) -> int:
     from tasks.core.planner import plan_checkpoint
-    from tasks.core.schemes import resolve_config
+    from tasks.core.schemes import chosen_rotation, resolve_config
 
     plan, report = plan_checkpoint(
         a.source,
@@ -128,7 +128,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         source_format=a.source_format,
         keep_source_quantization=a.keep_source_quantization_for_ignored,
         source_settings=options.json_object(a.source_settings, "--source-settings"),
-        rotate=a.rotate,
+        rotate=chosen_rotation(a.rotate, a.config),
     )
     if a.json:
         print(

@@ -25,7 +25,7 @@ from storage.errors import PtqflowError
 from storage.source import Folder
 from tasks.core.devices import check_devices
 from tasks.core.records import Summary
-from tasks.core.schemes import resolve_config
+from tasks.core.schemes import chosen_rotation, resolve_config
 from tasks.core.transfer import cache_dir_for
 from tasks.finalize import finalize_task
 from tasks.plan import plan_task
@@ -90,7 +90,7 @@ def quantize_checkpoint(
         source_format,
         keep_source_quantization_for_ignored,
         json_object(source_settings, "--source-settings"),
-        rotate,
+        chosen_rotation(rotate, config),
     )
     dest = Dest(destination, private=private)
     with dest.writing(plan.source, overwrite):

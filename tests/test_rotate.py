@@ -112,3 +112,25 @@ def test_rotated_quantized_outputs_verify_and_have_their_own_keys(tmp_path):
     rotated, _ = plan_checkpoint(str(src), config.model_copy(deep=True), rotate="hadamard")
     for a, b in zip(plain.shards, rotated.shards, strict=True):  # a resume never mixes them
         assert shard_key(plain, a, "d") != shard_key(rotated, b, "d")
+
+
+def test_a_config_file_can_ask_for_the_rotation(tmp_path, capsys):
+    """`rotate: hadamard` in a YAML config is --rotate hadamard; it stays out of the
+    quantization_config the output's config.json gets."""
+    import yaml
+
+    from flows.cli import main
+    from tasks.core.schemes import chosen_rotation
+
+    src = build_checkpoint(tmp_path / "src", "llama", shards=1)
+    group = resolve_config("W4A16").config_groups["W4A16"].model_dump(mode="json")
+    path = tmp_path / "w4a16-rotated.yaml"
+    path.write_text(yaml.safe_dump({"config_groups": {"g": group}, "rotate": "hadamard"}))
+    assert chosen_rotation(None, str(path)) == "hadamard"
+    assert chosen_rotation("none", {"rotate": "hadamard"}) == "hadamard"
+    assert chosen_rotation(None, {"config_groups": {}}) == "none"
+    assert main(["plan", str(src), "--config", str(path), "--ignore", "lm_head"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: the residual stream is rotated (hadamard, blocks of 256)" in printed
+    plan, _ = plan_checkpoint(str(src), resolve_config(config=str(path)), rotate="hadamard")
+    assert "rotate" not in plan.config

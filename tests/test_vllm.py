@@ -1,7 +1,7 @@
 """vLLM's own loader accepts every output: the `vllm` tier.
 
 Llama, Qwen3-MoE, and DeepSeek-V3 and GLM-4.5 with a multi-token-prediction
-layer are quantized in every data-free scheme, then one vLLM 0.33 process
+layer are quantized in every data-free scheme (and some rotated), then one vLLM 0.33 process
 (benchmarks/vllm_load.py, in the environment benchmarks/setup_vllm.sh makes)
 builds each model, and for MTP checkpoints the drafter speculative decoding
 builds, and loads every tensor: nothing may be refused, no parameter left
@@ -32,6 +32,7 @@ if not VLLM_PYTHON.exists():
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 ARCHS = ("llama", "qwen3_moe", "deepseek_v3_mtp", "glm4_moe_mtp")
+ROTATED = ("qwen3_moe", "deepseek_v3", "tied")
 # MLA's q_a_proj and kv_a_proj_with_mqa (384 and 576 rows) do not fit FP8_BLOCK's 128-row blocks
 # in vLLM, so they are ignored as in ../shared/reference/model_free_ptq.md
 MLA = ["re:.*kv_a_proj_with_mqa$", "re:.*q_a_proj$"]
@@ -56,6 +57,12 @@ def _outputs(root: Path) -> dict[tuple[str, str], Path]:
     out["deepseek_v3_mtp", "FP8 KV cache"] = dst = root / "deepseek-kv"
     with pytest.warns(UserWarning, match="kv_cache_scheme"):
         quantize_folder(src, dst, resolve_config(config=config, ignore=IGNORE + MLA))
+    # rotated (--rotate hadamard): nothing at run time, a tied lm_head untied
+    for arch in ROTATED:
+        made = root / arch if arch in ARCHS else build_checkpoint(root / arch, arch)
+        out[arch, "W4A16 rotated"] = dst = root / f"{arch}-rotated"
+        config = resolve_config("W4A16", ignore=IGNORE + MLA)
+        quantize_folder(made, dst, config, rotate="hadamard")
     # what vLLM refuses must be named: an MTP eh_proj quantized by a target naming it ...
     eh = resolve_config("FP8_DYNAMIC", ignore=IGNORE + MLA)
     eh.config_groups["FP8_DYNAMIC"].targets = ["Linear", "re:.*eh_proj$"]
@@ -99,6 +106,13 @@ def test_vllm_loads_fused_mla_layers_and_a_kv_cache_scheme(loaded, case):
     report = dict(loaded["deepseek_v3_mtp", case])
     assert report.pop("config")["error"] is None
     assert report == {"main": CLEAN, "drafter": CLEAN}
+
+
+@pytest.mark.parametrize("arch", ROTATED)
+def test_vllm_loads_rotated_outputs_with_no_transform(loaded, arch):
+    report = dict(loaded[arch, "W4A16 rotated"])
+    assert report.pop("config")["error"] is None
+    assert report == {"main": CLEAN}
 
 
 def test_the_config_parses_with_the_compressed_tensors_vllm_pins(loaded):

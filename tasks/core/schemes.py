@@ -37,11 +37,34 @@ def _static_activation(args: dict) -> str | None:
     return None
 
 
+ROTATE = "rotate"  # ptqflow's own key of a config file or dict: what --rotate says
+
+
+def chosen_rotation(rotate: str | None, config) -> str:
+    """--rotate if given, else the `rotate` key of a config file or dict, else "none"."""
+    if rotate not in (None, "none"):
+        return rotate
+    if isinstance(config, (str, Path)):
+        config = read_config_file(config)
+    return (config.get(ROTATE) if isinstance(config, dict) else None) or "none"
+
+
 def load_config_file(path: str | Path):
     """Read a QuantizationConfig from YAML or JSON (a bare config or a config.json)."""
-    import yaml
     from compressed_tensors.quantization import QuantizationConfig
     from pydantic import ValidationError
+
+    p = Path(path)
+    data = {k: v for k, v in read_config_file(p).items() if k != ROTATE}
+    try:
+        return QuantizationConfig.model_validate(data)
+    except ValidationError as e:
+        raise PtqflowError(f"config file {p} is not a valid QuantizationConfig:\n{e}") from None
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config file's QuantizationConfig mapping (with ptqflow's own `rotate`, if set)."""
+    import yaml
 
     p = Path(path)
     try:
@@ -59,11 +82,7 @@ def load_config_file(path: str | Path):
             f"config file {p} must hold a compressed-tensors QuantizationConfig "
             "(a mapping with config_groups)"
         )
-    data = {k: v for k, v in data.items() if k not in ("version", "quant_method")}
-    try:
-        return QuantizationConfig.model_validate(data)
-    except ValidationError as e:
-        raise PtqflowError(f"config file {p} is not a valid QuantizationConfig:\n{e}") from None
+    return {k: v for k, v in data.items() if k not in ("version", "quant_method")}
 
 
 def resolve_config(scheme=None, config=None, ignore: Iterable[str] = (), observer=None):
@@ -111,7 +130,9 @@ def resolve_config(scheme=None, config=None, ignore: Iterable[str] = (), observe
         if isinstance(config, (str, Path)):
             config = load_config_file(config)
         elif isinstance(config, dict):
-            config = QuantizationConfig.model_validate(config)
+            config = QuantizationConfig.model_validate(
+                {k: v for k, v in config.items() if k != ROTATE}
+            )
         else:
             config = config.model_copy(deep=True)
         config.ignore = list(config.ignore or []) + list(ignore)
