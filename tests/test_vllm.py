@@ -60,6 +60,10 @@ def _outputs(root: Path) -> dict[tuple[str, str], Path]:
     # rotated (--rotate hadamard): nothing at run time, a tied lm_head untied
     for arch in ROTATED:
         made = root / arch if arch in ARCHS else build_checkpoint(root / arch, arch)
+        if arch == "deepseek_v3":  # the routing keys real configs have (see tests/checkpoints.py)
+            config = json.loads((made / "config.json").read_text())
+            config.update(topk_method="noaux_tc", scoring_func="sigmoid")
+            (made / "config.json").write_text(json.dumps(config))
         out[arch, "W4A16 rotated"] = dst = root / f"{arch}-rotated"
         config = resolve_config("W4A16", ignore=IGNORE + MLA)
         quantize_folder(made, dst, config, rotate="hadamard")
