@@ -207,7 +207,7 @@ class Dest:
         returns its digest ("ALGORITHM:HEX", see `digest_algorithm`).
 
         Into a Hub DEST the file goes to the repo's LFS store only, and is recorded
-        in the staging folder: `finish` commits every such file at once (a commit
+        in the staging folder: `commit` commits every such file at once (a commit
         per shard would run into the Hub's commit rate limits on a large model).
         """
         if self.folder.is_hub:
@@ -239,10 +239,18 @@ class Dest:
             local.unlink()
         else:  # committed with its content: staged until then
             record["staged"] = str(local)
-        pending = self.staging / PENDING / f"{rel}.json"
+        pending = self._pending_path(rel)
         pending.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(pending, json.dumps(record).encode())
         return f"sha256:{record['sha256']}"
+
+    def _pending_path(self, rel: str) -> Path:
+        return self.staging / PENDING / f"{rel}.json"
+
+    def _pending_record(self, rel: str) -> dict | None:
+        """What `put` recorded of `rel` if it is in a Hub DEST's LFS store, not yet committed."""
+        path = self._pending_path(rel)
+        return json.loads(path.read_text()) if self.folder.is_hub and path.is_file() else None
 
     def _pending(self) -> dict[str, dict]:
         """Files uploaded to a Hub DEST's LFS store and not yet committed."""
@@ -302,14 +310,14 @@ class Dest:
             self._forget(rel, record)
 
     def _forget(self, rel: str, record: dict) -> None:
-        (self.staging / PENDING / f"{rel}.json").unlink()
+        self._pending_path(rel).unlink()
         if "staged" in record:
             Path(record["staged"]).unlink(missing_ok=True)
 
     def info(self, rel: str) -> dict | None:
         """Size and a cheap change stamp (mtime, ETag, or an LFS file's sha256) of `rel`,
         or None if absent. A shard uploaded to a Hub DEST but not yet committed counts."""
-        record = self._pending().get(rel)
+        record = self._pending_record(rel)
         if record is not None:
             return {"size": record["size"], "stamp": record["sha256"]}
         try:
@@ -337,7 +345,7 @@ class Dest:
         """ "ALGORITHM:HEX" of the file `rel` in DEST."""
         if self.folder.is_local:
             return file_digest(self.path(rel), algorithm)
-        record = self._pending().get(rel)
+        record = self._pending_record(rel)
         if record is not None and algorithm == "sha256":
             return f"sha256:{record['sha256']}"
         with self.folder.open(rel) as f:

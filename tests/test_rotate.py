@@ -68,6 +68,24 @@ def test_rotation_is_orthogonal_and_folds_the_norm():
     assert torch.equal(q.abs(), torch.ones(block, block))
 
 
+def test_rotation_gives_the_same_bits_whatever_the_threads():
+    """Elementwise stages, no reductions: resume and verify re-derive the same bytes."""
+    w = torch.randn(512, 4096).to(torch.bfloat16)
+    norm = (torch.rand(4096) + 0.5).to(torch.bfloat16)
+    into, out_of = Rotation("in", 4096, 4096), Rotation("out", 4096, 4096)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append((rotate(w, into, norm), rotate(w.T.contiguous(), out_of)))
+    finally:
+        torch.set_num_threads(threads)
+    (a, b), (c, d) = results
+    assert torch.equal(a.view(torch.int16), c.view(torch.int16))
+    assert torch.equal(b.view(torch.int16), d.view(torch.int16))
+
+
 @pytest.mark.parametrize(
     ("arch", "edit", "named"),
     [

@@ -110,8 +110,9 @@ def roles(model_config: dict, names: list[str]) -> dict[str, tuple[str, str | No
             f"--rotate: cannot prove the rotated model computes the same function: {shown} "
             "is not a tensor whose place in the residual stream ptqflow knows; run without --rotate"
         )
+    present = set(names)
     for name, (_, norm) in out.items():
-        if norm is not None and norm not in names:
+        if norm is not None and norm not in present:
             raise PtqflowError(f"--rotate: {name} reads {norm}, which the checkpoint lacks")
     return out
 
@@ -161,15 +162,6 @@ def block_of(size: int) -> int:
 
 
 @cache
-def _hadamard(block: int) -> torch.Tensor:
-    """The normalized Sylvester Hadamard matrix of a power-of-two order, as float32."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < block:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(block)).float()
-
-
-@cache
 def _signs(size: int, seed: int) -> torch.Tensor:
     """±1 per channel from SHAKE-256 of the seed: the same on every machine and torch."""
     bits = hashlib.shake_256(f"ptqflow-hadamard-{seed}".encode()).digest((size + 7) // 8)
@@ -180,19 +172,31 @@ def _signs(size: int, seed: int) -> torch.Tensor:
 def rotate(t: torch.Tensor, r: Rotation, norm: torch.Tensor | None = None) -> torch.Tensor:
     """`t` rotated as `r` says (with `norm` folded in first, for side "in"), in t's dtype.
 
-    The arithmetic is float32 (one rounding to t's dtype at the end); a matrix of
-    `size` is never built, only its Hadamard block.
+    Float32 throughout, rounded once to t's dtype at the end. The Hadamard blocks are
+    applied as a fast Walsh-Hadamard transform: log2(block) stages of elementwise sums
+    and differences, no reductions, so every device, BLAS and thread count gives the
+    same bits (a matrix product's summation order is theirs to choose), and a value
+    costs log2(block) additions, not `block` multiply-adds.
     """
     if r.side == "ones":
         return torch.ones_like(t)
-    x = t.float()
-    h, s = _hadamard(r.block).to(x.device), _signs(r.size, r.seed).to(x.device)
-    n = r.size // r.block
+    x, s = t.float(), _signs(r.size, r.seed).to(t.device)
     if r.side == "in":  # rows of t are read as residual vectors: t·diag(norm)·diag(s)·B
         if norm is not None:
             x = x * norm.float()
-        x = ((x * s).reshape(-1, n, r.block) @ h).reshape(t.shape)
+        x = _fwht((x * s).reshape(-1, r.block, 1))
     else:  # Qᵀ·t = B·diag(s)·t: the residual is t's first dimension
-        cols = x.reshape(r.size, -1) * s[:, None]
-        x = (h @ cols.reshape(n, r.block, -1)).reshape(t.shape)
-    return x.to(t.dtype)
+        x = x.reshape(r.size, -1) * s[:, None]
+        x = _fwht(x.reshape(r.size // r.block, r.block, -1))
+    return (x * (1 / math.sqrt(r.block))).reshape(t.shape).to(t.dtype)
+
+
+def _fwht(x: torch.Tensor) -> torch.Tensor:
+    """x (P, b, Q) times Sylvester's unnormalized Hadamard matrix of order b along dim 1."""
+    p, b, q = x.shape
+    h = 1
+    while h < b:
+        x = x.view(p, b // (2 * h), 2, h, q)
+        x = torch.stack((x[:, :, 0] + x[:, :, 1], x[:, :, 0] - x[:, :, 1]), dim=2)
+        h *= 2
+    return x.view(p, b, q)
