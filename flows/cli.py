@@ -12,7 +12,9 @@ import argparse
 import gc
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from flows import options
@@ -224,6 +226,27 @@ COMMANDS = {
 
 
 INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+INTERRUPTED_LINE = "ptqflow: interrupted; run the same command again to resume"
+SWALLOWED_AFTER = 5.0  # seconds a KeyboardInterrupt may take to end the command
+
+
+_interrupted = threading.Event()
+
+
+def _on_sigint(signum, frame) -> None:
+    """Ctrl-C: KeyboardInterrupt, as Python's own handler raises, noted, and a timer that ends
+    the process anyway if code on the main thread catches it (seen once in CI: a run went on
+    to completion after Ctrl-C). Either way the command ends with INTERRUPTED_LINE and 130."""
+    _interrupted.set()
+    timer = threading.Timer(SWALLOWED_AFTER, _exit_interrupted)
+    timer.daemon = True
+    timer.start()
+    raise KeyboardInterrupt
+
+
+def _exit_interrupted() -> None:
+    print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
+    os._exit(INTERRUPTED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ptqflow: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ptqflow: interrupted; run the same command again to resume", file=sys.stderr)
+        print(INTERRUPTED_LINE, file=sys.stderr)
         return INTERRUPTED
     finally:
         gc.enable()
@@ -253,8 +276,11 @@ def run() -> None:
     interpreter's last collections at exit skip the millions of objects that
     torch, transformers and Prefect create on import (about 1 s on 2 cores).
     """
+    signal.signal(signal.SIGINT, _on_sigint)
     rc = main()
     gc.freeze()
+    if _interrupted.is_set() and rc != INTERRUPTED:  # the interrupt was caught on the way
+        _exit_interrupted()
     if rc == INTERRUPTED:  # shards still in flight are not waited for: a rerun redoes them
         sys.stdout.flush()
         sys.stderr.flush()

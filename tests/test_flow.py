@@ -274,6 +274,56 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(tmp_path):
     assert files(tmp_path / "out") == files(tmp_path / "want")
 
 
+SWALLOWING_CLI = """
+import sys
+import flows.quantize
+from flows.cli import run
+
+real = flows.quantize.run_shards
+
+def swallowing(*args, **kwargs):  # code on the main thread that catches the KeyboardInterrupt
+    while True:
+        try:
+            return real(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("swallowed", file=sys.stderr, flush=True)
+
+flows.quantize.run_shards = swallowing
+sys.argv = ["ptqflow", *sys.argv[1:]]
+run()
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_command_even_when_the_interrupt_is_swallowed(tmp_path):
+    """Ctrl-C ends the command with the one line and 130 within seconds even if code on the
+    main thread catches the KeyboardInterrupt and the run goes on (to its end, or until the
+    timer ends it)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=3)
+    argv = ["quantize", str(src), str(tmp_path / "out"), "--scheme", "NVFP4A16"]
+    argv += ["--observer", "nvfp4_expanded_mse", "--ignore", "lm_head"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", SWALLOWING_CLI, *argv]
+    run = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(run.stderr))
+    reader.start()
+    while not any("Task run 'download" in line for line in lines) and run.poll() is None:
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGINT)
+    sent = time.monotonic()
+    assert run.wait(timeout=120) == 130, "".join(lines)
+    assert time.monotonic() - sent < 15
+    reader.join()
+    assert "swallowed\n" in lines, "".join(lines)
+    assert lines[-1] == "ptqflow: interrupted; run the same command again to resume\n"
+
+
 @pytest.mark.slow
 def test_a_shard_finished_but_not_recorded_is_kept_not_rewritten(tmp_path, prefect_server):
     """A kill after a shard got its final name, before its result was stored (here: the
