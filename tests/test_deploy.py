@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,9 +117,20 @@ def start(command: str, env: dict, log: Path | None = None) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
+    """Stop a walkthrough command as a user would (SIGTERM to its process group). A worker
+    has, in full-suite runs only, gone on running for over a minute after its run finished:
+    then what was still running is named in a warning, and it is killed as a lost machine."""
+    import psutil
+
     if proc.poll() is None:
         os.killpg(proc.pid, sig)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            running = [" ".join(p.cmdline()[:6]) for p in family if p.is_running()]
+            warnings.warn(f"still running 30 s after {sig!r}: {running}", stacklevel=2)
+            kill_tree(proc)
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
