@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from storage.direct import file_digest, stream_digest
@@ -264,17 +264,28 @@ class Dest:
         repo_id, _, revision = self.folder.root.partition("@")
         return repo_id, revision or None
 
-    def commit(self, files: dict[str, bytes], remove: list[str], shards: list[str] = ()) -> None:
-        """Remove `remove`, then store `files` in their order (config.json last).
+    def commit(
+        self,
+        files: dict[str, bytes | Callable[[], bytes]],
+        remove: list[str],
+        shards: list[str] = (),
+    ) -> None:
+        """Remove `remove`, then store `files` in their order (config.json last); a file given
+        as a function is read when it is stored, so only one is in memory at a time.
 
-        A Hub DEST gets it all in one commit, with those of `shards` that were
-        uploaded since the last commit (see `put`); other uploads are forgotten.
+        A Hub DEST gets it all in one commit (so every file is in memory then), with
+        those of `shards` that were uploaded since the last commit (see `put`); other
+        uploads are forgotten.
         """
+
+        def content(data) -> bytes:
+            return data() if callable(data) else data
+
         if not self.folder.is_hub:
             for rel in remove:
                 self.remove(rel)
             for rel, data in files.items():
-                self.write(rel, data)
+                self.write(rel, content(data))
             return
         pending = self._pending()
         if shards:
@@ -299,7 +310,7 @@ class Dest:
             )
             add._upload_mode, add._is_uploaded = "lfs", True
             ops.append(add)
-        ops += [CommitOperationAdd(rel, data) for rel, data in files.items()]
+        ops += [CommitOperationAdd(rel, content(data)) for rel, data in files.items()]
         repo_id, revision = self._repo()
         with hub_errors(f"destination {self.url}"):
             HfApi().create_commit(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 from storage.dest import Dest
 from storage.errors import PtqflowError
@@ -10,6 +11,11 @@ from storage.names import CONFIG, INDEX, PARTIAL
 from storage.source import Folder
 from tasks.core.records import Manifest, Plan
 from tasks.core.rotate import ROTATION_KEY
+
+
+def _read(source: Folder, rel: str) -> bytes:
+    with source.open(rel) as f:
+        return f.read()
 
 
 def finalize(plan: Plan, source: Folder, dest: Dest, manifests: list[Manifest]) -> dict:
@@ -30,10 +36,9 @@ def finalize(plan: Plan, source: Folder, dest: Dest, manifests: list[Manifest]) 
         for entry in dest.entries()
         if (entry.endswith(".safetensors") and entry not in names) or entry.endswith(PARTIAL)
     ]
-    files = {}
-    for rel in plan.other_files:
-        with source.open(rel) as f:
-            files[rel] = f.read()
+    # other files are read when stored, one at a time: with --include-other-weights they can
+    # be many GB
+    files: dict = {rel: partial(_read, source, rel) for rel in plan.other_files}
     index = {
         "metadata": {"total_size": plan.total_size},
         "weight_map": dict(sorted(plan.weight_map().items())),
