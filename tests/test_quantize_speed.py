@@ -290,3 +290,37 @@ def test_worker_pools_count_the_cpus_this_process_may_use(tmp_path):
     assert usable_cpus(v1) == mask
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
     assert usable_cpus(v1) == min(mask, 2)
+
+
+@pytest.mark.parametrize("name", ["tensor", "FP8_BLOCK", "FP8_DYNAMIC", "W4A16", "NVFP4A16"])
+def test_the_kernel_finds_torchs_min_and_max(name):
+    """code_kernel.extremes (observe's bfloat16 route) against torch's reduction of every
+    scale element's values, on edge values; a NaN sends observe back to torch."""
+    from tasks.core.code_kernel import extremes
+    from tasks.core.observers import scale_extent
+
+    w = edge_weight()
+    w[9, 3], w[200, 17] = float("inf"), float("-inf")
+    if name == "tensor":
+        args = scheme_of("FP8_DYNAMIC").weights.model_copy(update={"strategy": "tensor"})
+    else:
+        args = scheme_of(name).weights
+    rows, cols = scale_extent(w, args)
+    blocks = w.float().reshape(w.shape[0] // rows, rows, w.shape[1] // cols, cols)
+    lo, hi = extremes(w, rows, cols)
+    assert torch.equal(lo, blocks.amin(dim=(1, 3)).to(w.dtype))
+    assert torch.equal(hi, blocks.amax(dim=(1, 3)).to(w.dtype))
+    w[9, 3] = float("nan")
+    assert extremes(w, rows, cols) is None
+
+
+def test_the_kernel_takes_bfloat16_routes():
+    """The every-quotient tests above exercise code_kernel for bfloat16, torch for float16."""
+    from tasks.core.compress import _kernel_codes
+
+    x = every_finite(torch.bfloat16)
+    s = torch.full((x.shape[0], 1), 1 / 3, dtype=x.dtype)
+    for name, kind in [("FP8_DYNAMIC", "fp8"), ("W4A16", "int4")]:
+        assert _kernel_codes(x, s, scheme_of(name).weights, kind, None) is not None
+        assert _kernel_codes(x.half(), s.half(), scheme_of(name).weights, kind, None) is None
+        assert _kernel_codes(x, s * 0, scheme_of(name).weights, kind, None) is None

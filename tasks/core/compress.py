@@ -24,7 +24,7 @@ import torch
 
 from storage.safetensors import DTYPE_NAMES, DTYPES
 from tasks.core.devices import usable_cpus
-from tasks.core.observers import observe, search_of, searched_minmax
+from tasks.core.observers import kernel_handles, observe, search_of, searched_minmax
 
 Tensors = dict[str, torch.Tensor]
 
@@ -59,17 +59,27 @@ def row_chunks(weight: torch.Tensor, args, chunk_elements: int) -> list[tuple[in
     return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
 
 
-def _join(pieces: Iterable[Tensors], shared: set[str], weight: torch.Tensor, scheme) -> Tensors:
+def _outputs(weight: torch.Tensor, scheme, shared: set[str]) -> Tensors:
+    """The per-row tensors of `weight`'s compressed state dict, allocated once with the
+    shapes the whole weight gives on the meta device, for its row chunks to fill."""
+    layout = _layout(tuple(weight.shape), DTYPE_NAMES[weight.dtype], scheme.model_dump_json())
+    return {
+        key: torch.empty(shape, dtype=DTYPES[dtype], device=weight.device)
+        for key, (dtype, shape) in layout.items()
+        if key not in shared and key != "weight_shape"
+    }
+
+
+def _join(pieces: Iterable[Tensors], shared: set[str], weight: torch.Tensor, out: Tensors):
     """One compressed state dict from those of consecutive row chunks, filled as they come.
 
     `shared` keys were passed whole to every chunk (global scale, per-tensor
     scale) and come back unchanged; `weight_shape` (pack-quantized) is the
-    original shape; everything else is per row, copied into place in a tensor
-    allocated once with the shape the whole weight gives on the meta device,
-    so each chunk's piece is freed as soon as it is copied.
+    original shape; everything else is per row, copied into its place in `out`
+    (`_outputs`), unless the chunk wrote it there itself, so each chunk's piece
+    is freed as soon as it is copied.
     """
-    layout = _layout(tuple(weight.shape), DTYPE_NAMES[weight.dtype], scheme.model_dump_json())
-    out, filled = {}, {}
+    out, filled = dict(out), dict.fromkeys(out, 0)
     for piece in pieces:
         for key, part in piece.items():
             if key in shared:
@@ -77,10 +87,6 @@ def _join(pieces: Iterable[Tensors], shared: set[str], weight: torch.Tensor, sch
             elif key == "weight_shape":
                 out.setdefault(key, torch.tensor(weight.shape, dtype=part.dtype))
             else:
-                if key not in out:
-                    dtype, shape = layout[key]
-                    out[key] = torch.empty(shape, dtype=DTYPES[dtype], device=part.device)
-                    filled[key] = 0
                 _copy_rows(out[key], filled[key], part)
                 filled[key] += len(part)
     for key, rows in filled.items():
@@ -96,6 +102,8 @@ def _copy_rows(dst: torch.Tensor, start: int, part: torch.Tensor) -> None:
     competes with the chunk workers still running (NVFP4 took twice as long).
     """
     rows = dst[start : start + len(part)]
+    if rows.data_ptr() == part.data_ptr() and rows.shape == part.shape:
+        return  # written in place (_compress_rows' `into`)
     if dst.device.type != "cpu" or not part.numel():
         rows.copy_(part)
         return
@@ -153,7 +161,16 @@ def _divide(x: torch.Tensor, scale: torch.Tensor, args) -> torch.Tensor:
     return x / scale
 
 
-def _fp8_weight(x: torch.Tensor, scale: torch.Tensor, args) -> torch.Tensor:
+def _kernel_codes(x, scale, args, kind: str, into) -> torch.Tensor | None:
+    """tasks/core/code_kernel.py's codes, where it takes x (imported only then: numba)."""
+    if not kernel_handles(x):
+        return None
+    from tasks.core.code_kernel import codes_of
+
+    return codes_of(x, scale, args, kind, into)
+
+
+def _fp8_weight(x: torch.Tensor, scale: torch.Tensor, args, into=None) -> torch.Tensor:
     """compressed-tensors' FP8 weight: clamp(x / scale) -> fp8 -> x.dtype -> fp8.
 
     With finite operands the quotient is finite: clamping with Python-number
@@ -163,19 +180,24 @@ def _fp8_weight(x: torch.Tensor, scale: torch.Tensor, args) -> torch.Tensor:
     """
     from compressed_tensors.quantization.quant_args import FP8_E4M3_DATA
 
+    codes = _kernel_codes(x, scale, args, "fp8", into)
+    if codes is not None:
+        return codes.view(FP8_E4M3_DATA.dtype)
     q = _divide(x, scale, args)
     return q.clamp_(FP8_E4M3_DATA.min, FP8_E4M3_DATA.max).to(FP8_E4M3_DATA.dtype)
 
 
-def _int4_packed(x: torch.Tensor, scale: torch.Tensor, args) -> torch.Tensor:
+def _int4_packed(x: torch.Tensor, scale: torch.Tensor, args, into=None) -> torch.Tensor:
     """pack_to_int32(round(clamp(x / scale, -8, 7)), 4) for rows of a multiple of 8 values.
 
     pack_to_int32 puts value k of each run of 8 (offset by 8) at bits 4k of an
     int32; on a little-endian host that is byte k // 2, low nibble for even k.
     """
-    q = _divide(x, scale, args).clamp_(-8, 7).round_().add_(8).to(torch.uint8)
-    pairs = q.view(q.shape[0], -1, 2)
-    packed = pairs[..., 0] | (pairs[..., 1] << 4)
+    packed = _kernel_codes(x, scale, args, "int4", into)
+    if packed is None:
+        q = _divide(x, scale, args).clamp_(-8, 7).round_().add_(8).to(torch.uint8)
+        pairs = q.view(q.shape[0], -1, 2)
+        packed = pairs[..., 0] | (pairs[..., 1] << 4)
     return packed.view(torch.int32)
 
 
@@ -238,7 +260,7 @@ def compress_function(scheme) -> Callable[[Tensors], Tensors]:
     fp4 = fmt == "nvfp4-pack-quantized" and kind == ("float", 4, S.TENSOR_GROUP)
     shortcut = (fp8 or int4 or fp4) and args.symmetric and sys.byteorder == "little"
 
-    def compress(state: Tensors) -> Tensors:
+    def compress(state: Tensors, into: torch.Tensor | None = None) -> Tensors:
         w, scale = state["weight"], state["weight_scale"]
         if fp4 and not w.is_meta:
             scale = scale / state["weight_global_scale"]  # what the FP4 values are scaled by
@@ -252,9 +274,9 @@ def compress_function(scheme) -> Callable[[Tensors], Tensors]:
             return compressor.compress(state, scheme)
         out = {k: v for k, v in state.items() if k != "weight"}
         if fp8:
-            out["weight"] = _fp8_weight(w, scale, args)
+            out["weight"] = _fp8_weight(w, scale, args, into)
         elif int4:
-            out["weight_packed"] = _int4_packed(w, scale, args)
+            out["weight_packed"] = _int4_packed(w, scale, args, into)
             out["weight_shape"] = torch.tensor(w.shape)
         else:
             out["weight_packed"] = _fp4_packed(
@@ -286,13 +308,17 @@ def _pool() -> ThreadPoolExecutor:
     )
 
 
-def _compress_rows(weight, r0: int, r1: int, *, args, compress, whole: dict, ranges) -> Tensors:
+def _compress_rows(
+    weight, r0: int, r1: int, *, args, compress, whole: dict, ranges, outputs: Tensors
+) -> Tensors:
     """Compressed state dict of rows [r0, r1) of `weight`.
 
     `whole` holds parameters computed on the whole weight (global scale, or
     the per-tensor scale and zero point); everything else comes from the
     chunk's own min and max: those of its rows in the whole weight, or their
-    rows of `ranges`, the whole weight's searched (min, max).
+    rows of `ranges`, the whole weight's searched (min, max). The quantized
+    values are written straight into their rows of `outputs` where a route can
+    (fresh memory costs a page fault per 4 KiB here, a chunk's copy and a copy).
     """
     from compressed_tensors.quantization import QuantizationStrategy as S
     from compressed_tensors.quantization.utils import calculate_qparams
@@ -311,7 +337,8 @@ def _compress_rows(weight, r0: int, r1: int, *, args, compress, whole: dict, ran
         state["weight_scale"] = scale.to(scale_dtype(weight.dtype))
         if not args.symmetric:
             state["weight_zero_point"] = zero_point.to(args.zp_dtype)
-    return compress(state)
+    into = outputs.get("weight", outputs.get("weight_packed"))
+    return compress(state, None if into is None else into[r0:r1])
 
 
 def searched(weight: torch.Tensor, args, search) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,15 +382,22 @@ def quantize_weights(
             if not args.symmetric:
                 shared["weight_zero_point"] = zero_point.to(args.zp_dtype)
         chunks = row_chunks(w, args, chunk_elements)
+        outputs = {} if len(chunks) == 1 else _outputs(w, scheme, set(shared))
         rows = functools.partial(
-            _compress_rows, w, args=args, compress=compress, whole=shared, ranges=found
+            _compress_rows,
+            w,
+            args=args,
+            compress=compress,
+            whole=shared,
+            ranges=found,
+            outputs=outputs,
         )
         if len(chunks) == 1:
             out.append(rows(*chunks[0]))
             continue
         parallel = _pool().map if w.device.type == "cpu" else map
         pieces = parallel(lambda c, rows=rows: rows(*c), chunks)
-        out.append(_join(pieces, set(shared), w, scheme))
+        out.append(_join(pieces, set(shared), w, outputs))
     return out
 
 

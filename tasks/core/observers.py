@@ -81,6 +81,14 @@ def observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
     from compressed_tensors.quantization import QuantizationStrategy as S
     from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
 
+    extent = scale_extent(weight, args)
+    if extent and kernel_handles(weight):
+        from tasks.core.code_kernel import extremes
+
+        found = extremes(weight, *extent)
+        if found is not None:
+            lo, hi = found
+            return (lo.reshape(1), hi.reshape(1)) if args.strategy == S.TENSOR else (lo, hi)
     if args.strategy == S.TENSOR:
         return torch.amin(weight).reshape(1), torch.amax(weight).reshape(1)
     x = weight
@@ -104,6 +112,29 @@ def observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         raise ValueError(f"strategy {args.strategy} cannot be applied to weights")
     return lo.to(weight.dtype), hi.to(weight.dtype)
+
+
+def kernel_handles(x: torch.Tensor) -> bool:
+    """Whether tasks/core/code_kernel.py takes x: a bfloat16 matrix of real values on the CPU."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
+
+
+def scale_extent(weight: torch.Tensor, args) -> tuple[int, int] | None:
+    """(rows, columns) of `weight` under one scale element, where they tile it (a block
+    scheme pads a weight they do not tile: None)."""
+    from compressed_tensors.quantization import QuantizationStrategy as S
+
+    rows, cols = weight.shape[-2:] if weight.dim() >= 2 else (1, weight.shape[-1])
+    if args.strategy == S.TENSOR:
+        return rows, cols
+    if args.strategy == S.CHANNEL:
+        return 1, cols
+    if args.strategy in (S.GROUP, S.TENSOR_GROUP) and cols % args.group_size == 0:
+        return 1, args.group_size
+    if args.strategy == S.BLOCK:
+        bh, bw = args.block_structure
+        return (bh, bw) if rows % bh == 0 and cols % bw == 0 else None
+    return None
 
 
 def observer_name(name: str | None) -> str:
