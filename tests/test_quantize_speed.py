@@ -256,6 +256,23 @@ def test_fp4_route_on_quotients_around_every_boundary():
         assert torch.equal(_fp4_packed(x * scale / gscale, s, g, args), want)
 
 
+@pytest.mark.parametrize("scale, gscale", [(1.0, 1.0), (3.0, 0.5), (1.0, 3.0), (448.0, 7.0)])
+def test_fp4_kernel_on_every_bfloat16_value(scale, gscale):
+    """code_kernel's NVFP4 codes (bfloat16 weights) equal quantize_and_pack_fp4 on every
+    finite bfloat16 value, boundaries included (x / 1 and x / 6 hit every one)."""
+    from compressed_tensors.compressors.nvfp4.helpers import quantize_and_pack_fp4
+
+    from tasks.core.compress import _fp4_packed, _kernel_codes
+
+    x = every_finite(torch.bfloat16)
+    args = scheme_of("NVFP4A16").weights
+    s = torch.full((x.shape[0], x.shape[1] // 16), scale, dtype=torch.bfloat16)
+    g = torch.tensor([gscale])
+    assert _kernel_codes(x, s / g, args, "fp4", None) is not None
+    want = quantize_and_pack_fp4(x, s, global_scale=g, group_size=16)
+    assert torch.equal(_fp4_packed(x, s, g, args), want)
+
+
 def test_bound_benchmark_names_the_slowest_stage(tmp_path, capsys):
     from benchmarks.bound import main
 

@@ -27,15 +27,16 @@ def codes_of(x, scale, args, kind: str, into=None) -> torch.Tensor | None:
     """`codes` of x under `args`' scale elements, written into `into` (x's rows of the whole
     weight's output) when given; None where the kernel does not take x and scale."""
     extent = scale_extent(x, args)
-    return codes(x, scale, *extent, kind, into) if extent and handles(x, scale) else None
+    return codes(x, scale, *extent, kind, into) if extent and handles(x, scale, kind) else None
 
 
-def handles(x: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether the kernel computes x's codes: x and scale as observers.kernel_handles takes
-    them, every scale finite and nonzero (so no quotient of a finite x is NaN)."""
+def handles(x: torch.Tensor, scale: torch.Tensor, kind: str) -> bool:
+    """Whether the kernel computes x's codes: x as observers.kernel_handles takes it, a
+    bfloat16 scale (fp4: the float32 divisor scale / global scale), every one finite and
+    nonzero (so no quotient of a finite x is NaN)."""
     return (
         kernel_handles(x)
-        and scale.dtype == torch.bfloat16
+        and scale.dtype == (torch.float32 if kind == "fp4" else torch.bfloat16)
         and bool(torch.isfinite(scale).all() and scale.all())
     )
 
@@ -58,17 +59,19 @@ def table(kind: str) -> np.ndarray:
 def codes(
     x: torch.Tensor, scale: torch.Tensor, rows: int, cols: int, kind: str, into=None
 ) -> torch.Tensor:
-    """The codes of x (fp8 bytes, or int4 codes packed two to a byte, the even column in the
-    low nibble), where scale[i, j] scales x[i * rows : (i + 1) * rows, j * cols : ...]:
+    """The codes of x (fp8 bytes, or int4 or fp4 codes packed two to a byte, the even column
+    in the low nibble), where scale[i, j] scales x[i * rows : (i + 1) * rows, j * cols : ...]:
     `into` (a contiguous tensor of those bytes), or a new uint8 tensor."""
     values = x.contiguous().view(torch.int16).numpy().view(np.uint16)
     scales = scale.reshape(-(-x.shape[0] // rows), -1).float().numpy()
-    packed = kind == "int4"
+    packed = kind != "fp8"
     shape = (x.shape[0], x.shape[1] // 2 if packed else x.shape[1])
     out = torch.empty(shape, dtype=torch.uint8) if into is None else into
-    _codes(
-        values, scales, rows, cols, table(kind), packed, out.view(torch.uint8).view(shape).numpy()
-    )
+    target = out.view(torch.uint8).view(shape).numpy()
+    if kind == "fp4":
+        _fp4_codes(values, scales, rows, cols, target)
+    else:
+        _codes(values, scales, rows, cols, table(kind), packed, target)
     return out
 
 
@@ -96,6 +99,39 @@ def _divide(x, d, out):
     shift = np.uint32(16)
     for c in range(len(x)):
         out[c] = np.uint16(_bits(_bf16(_float(np.uint32(x[c]) << shift) / d)) >> shift)
+
+
+@numba.njit(nogil=True, cache=True)
+def _fp4_codes(values, scales, rows, cols, out):
+    """compress._fp4_packed's codes: the float32 quotient (not rounded), clamped to +-6, is
+    coded by the FP4 boundaries below its magnitude, plus 8 for a negative one."""
+    n = values.shape[1]
+    codes = np.empty(n, dtype=np.uint8)
+    for r in range(values.shape[0]):
+        x, s, o = values[r], scales[r // rows], out[r]
+        for j in range(len(s)):
+            start, stop = j * cols, min(j * cols + cols, n)
+            _fp4(x[start:stop], s[j], codes[start:stop])
+        for k in range(n // 2):
+            o[k] = codes[2 * k] | (codes[2 * k + 1] << np.uint8(4))
+
+
+@numba.njit(inline="always")
+def _fp4(x, d, out):
+    for c in range(len(x)):
+        q = _float(np.uint32(x[c]) << np.uint32(16)) / d
+        q = max(min(q, np.float32(6.0)), np.float32(-6.0))
+        a = abs(q)
+        out[c] = (
+            np.uint8(8 if q < 0 else 0)
+            + np.uint8(a > 0.25)
+            + np.uint8(a >= 0.75)
+            + np.uint8(a > 1.25)
+            + np.uint8(a >= 1.75)
+            + np.uint8(a > 2.5)
+            + np.uint8(a >= 3.5)
+            + np.uint8(a > 5.0)
+        )
 
 
 def extremes(x: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor] | None:

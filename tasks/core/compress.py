@@ -71,14 +71,10 @@ def _outputs(weight: torch.Tensor, scheme, shared: set[str]) -> Tensors:
 
 
 def _join(pieces: Iterable[Tensors], shared: set[str], weight: torch.Tensor, out: Tensors):
-    """One compressed state dict from those of consecutive row chunks, filled as they come.
-
-    `shared` keys were passed whole to every chunk (global scale, per-tensor
-    scale) and come back unchanged; `weight_shape` (pack-quantized) is the
-    original shape; everything else is per row, copied into its place in `out`
-    (`_outputs`), unless the chunk wrote it there itself, so each chunk's piece
-    is freed as soon as it is copied.
-    """
+    """One compressed state dict from those of consecutive row chunks, filled as they come:
+    `shared` keys (global or per-tensor scale) come back unchanged, `weight_shape` is the
+    original shape, and per-row tensors are copied into their rows of `out` (`_outputs`), if
+    the chunk did not write them there, so each chunk's piece is freed once copied."""
     out, filled = dict(out), dict.fromkeys(out, 0)
     for piece in pieces:
         for key, part in piece.items():
@@ -215,7 +211,7 @@ FP4_STEPS = (
 )
 
 
-def _fp4_packed(x: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, args):
+def _fp4_packed(x, scale: torch.Tensor, global_scale: torch.Tensor, args, into=None):
     """quantize_and_pack_fp4(x, scale, global_scale) where scale / global_scale is finite, not 0.
 
     compressed-tensors clamps x / (scale / global_scale) to [-6, 6], rounds it
@@ -224,7 +220,11 @@ def _fp4_packed(x: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor
     rounding to the even code), plus 8 for x < 0 (a value that rounds to zero
     keeps its sign, an exact -0.0 does not: torch.sign(-0.0) is 0).
     """
-    q = _divide(x, scale / global_scale, args).clamp_(-6.0, 6.0)
+    divisor = scale / global_scale
+    packed = _kernel_codes(x, divisor, args, "fp4", into)
+    if packed is not None:
+        return packed
+    q = _divide(x, divisor, args).clamp_(-6.0, 6.0)
     a = q.abs()
     code = (q < 0).to(torch.uint8).mul_(8)
     for boundary, up in FP4_STEPS:
@@ -280,7 +280,7 @@ def compress_function(scheme) -> Callable[[Tensors], Tensors]:
             out["weight_shape"] = torch.tensor(w.shape)
         else:
             out["weight_packed"] = _fp4_packed(
-                w, state["weight_scale"], state["weight_global_scale"], args
+                w, state["weight_scale"], state["weight_global_scale"], args, into
             )
             del out["weight_scale"]  # stored as the compressor stores it, after the weight
             out["weight_scale"] = compressor._compress_scale(state["weight_scale"], args)
