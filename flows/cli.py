@@ -19,6 +19,7 @@ import traceback
 
 from flows import options
 from storage.errors import PtqflowError
+from tasks.core.devices import limit_malloc_arenas
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,6 +252,7 @@ def _exit_interrupted() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    limit_malloc_arenas()  # before any import starts a thread
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if args.debug:
         os.environ["PTQFLOW_DEBUG"] = "1"

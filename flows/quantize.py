@@ -23,7 +23,7 @@ from flows.shards import run_shards
 from storage.dest import Dest
 from storage.errors import PtqflowError
 from storage.source import Folder
-from tasks.core.devices import check_devices
+from tasks.core.devices import check_devices, limit_malloc_arenas
 from tasks.core.records import Summary
 from tasks.core.schemes import chosen_rotation, resolve_config
 from tasks.core.transfer import cache_dir_for
@@ -80,6 +80,7 @@ def quantize_checkpoint(
     is dequantized weight by weight on the way; a config without groups only dequantizes.
     """
     started = time.monotonic()
+    limit_malloc_arenas()  # called from Python: before the task threads start
     devices = check_devices(device)
     qconfig = resolve_config(scheme, config, ignore or [], observer)
     plan = plan_task(

@@ -341,3 +341,12 @@ def test_the_kernel_takes_bfloat16_routes():
         assert _kernel_codes(x, s, scheme_of(name).weights, kind, None) is not None
         assert _kernel_codes(x.half(), s.half(), scheme_of(name).weights, kind, None) is None
         assert _kernel_codes(x, s * 0, scheme_of(name).weights, kind, None) is None
+
+
+def test_malloc_arenas_are_capped_where_glibc_runs():
+    """mallopt(M_ARENA_MAX) is accepted (glibc); elsewhere the cap is skipped, not an error."""
+    import platform
+
+    from tasks.core.devices import limit_malloc_arenas
+
+    assert limit_malloc_arenas() is (platform.libc_ver()[0] == "glibc")

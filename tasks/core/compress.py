@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from storage.safetensors import DTYPE_NAMES, DTYPES
-from tasks.core.devices import usable_cpus
+from tasks.core.devices import limit_malloc_arenas, usable_cpus
 from tasks.core.observers import kernel_handles, observe, search_of, searched_minmax
 
 Tensors = dict[str, torch.Tensor]
@@ -300,6 +300,7 @@ def _pool() -> ThreadPoolExecutor:
     (torch.set_num_threads in a worker sets that thread's OpenMP team size,
     and the default for threads that have not run a parallel op yet.)
     """
+    limit_malloc_arenas()
     return ThreadPoolExecutor(
         usable_cpus(),
         thread_name_prefix="ptqflow-quantize",

@@ -6,6 +6,8 @@ host it says 128, and 128 busy threads then share 8 CPUs' worth of time.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
 from pathlib import Path
@@ -13,6 +15,8 @@ from pathlib import Path
 from storage.errors import PtqflowError
 
 CGROUP = Path("/sys/fs/cgroup")
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+ARENAS = 2
 
 
 def usable_cpus(cgroup: Path = CGROUP) -> int:
@@ -69,3 +73,19 @@ def check_devices(device: str | None) -> list[str]:
                     f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
                 )
     return names
+
+
+@functools.cache
+def limit_malloc_arenas() -> bool:
+    """Cap glibc's malloc arenas at ARENAS for threads that allocate from now on (what
+    MALLOC_ARENA_MAX=2 does); False where the C library has no mallopt.
+
+    A thread that allocates while others hold every arena gets one of its own (up to 8
+    per core), and what is freed in an arena stays there for reuse. Task threads that
+    quantize shard after shard thus grew a flow's peak RSS with the number of shards:
+    1159 MiB on a 6 GB checkpoint of 13 shards, 973 MiB with two arenas, no slower.
+    """
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, ARENAS))
+    except (OSError, AttributeError):
+        return False
