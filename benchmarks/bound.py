@@ -70,10 +70,14 @@ def pcie_rates(device, size: int = 1 << 30, repeat: int = 3) -> tuple[float, flo
 
 def compute_rate(src: Path, plan, schemes: dict, device) -> float:
     """GB/s of quantize_weights on weights already on `device`, unit by unit."""
+    import torch
+
     from tasks.core.codecs import Codec
     from tasks.core.compress import quantize_weights
     from tasks.core.shard import read_unit
 
+    for scheme in schemes.values():  # numba's start (~0.5 s once per process) is not a rate
+        quantize_weights([torch.randn(256, 512).to(torch.bfloat16).to(device)], scheme)
     total, seconds = 0, 0.0
     for shard in plan.shards:
         files = {f: open(src / f, "rb") for f in shard.files}
