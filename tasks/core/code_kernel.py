@@ -1,15 +1,16 @@
-"""FP8 and packed INT4 codes of a bfloat16 weight on the CPU, and its min and max per scale
+"""FP8, INT4 and NVFP4 codes of a bfloat16 weight on the CPU, and its min and max per scale
 element, each in one pass compiled by numba.
 
-compressed-tensors' route computes q = x / scale in bfloat16 (a float32
-division rounded to nearest-even), clamps q, and converts or rounds it: four
-passes over the weight, one of them an unvectorized conversion. Everything
-after the division is a function of q's 16 bits alone, so torch itself fills a
-table of it for every bfloat16 value, and the kernel does the division as
-torch does and looks the code up: the same bytes (tests/test_quantize_speed.py
-checks every quotient), about three times as fast. The min and max
-(`extremes`) are exact in any order, so any order that vectorizes gives them.
-"""
+compressed-tensors' routes (compress.py's shorter ones too) divide x by its
+scale, clamp the quotient q and convert, round or compare it: four to eleven
+passes over the weight, one of them an unvectorized conversion. For FP8 and
+INT4, q is a bfloat16 (a float32 division rounded to nearest-even) and all
+that follows is a function of its 16 bits, so torch itself fills a table of it
+for every bfloat16 value, and the kernel divides as torch does and looks the
+code up; NVFP4's q is the float32 quotient, counted against the FP4 boundaries.
+The same bytes (tests/test_quantize_speed.py checks every quotient), 1.5 to 2.5
+times as fast on whole weights. Min and max (`extremes`) are exact in any
+order, so any order that vectorizes gives them."""
 
 from __future__ import annotations
 
@@ -68,29 +69,31 @@ def codes(
     shape = (x.shape[0], x.shape[1] // 2 if packed else x.shape[1])
     out = torch.empty(shape, dtype=torch.uint8) if into is None else into
     target = out.view(torch.uint8).view(shape).numpy()
-    if kind == "fp4":
-        _fp4_codes(values, scales, rows, cols, target)
-    else:
-        _codes(values, scales, rows, cols, table(kind), packed, target)
+    lookup = table("int4" if kind == "fp4" else kind)  # fp4 looks nothing up
+    _codes(values, scales, rows, cols, lookup, kind == "fp4", packed, target)
     return out
 
 
 @numba.njit(nogil=True, cache=True)
-def _codes(values, scales, rows, cols, lookup, packed, out):
+def _codes(values, scales, rows, cols, lookup, fp4, packed, out):
     n = values.shape[1]
     quotients = np.empty(n, dtype=np.uint16)
+    codes = np.empty(n, dtype=np.uint8)
     for r in range(values.shape[0]):
         x, s, o = values[r], scales[r // rows], out[r]
-        for j in range(len(s)):
+        for j in range(len(s)):  # slices: each segment's loop vectorizes
             start, stop = j * cols, min(j * cols + cols, n)
-            _divide(x[start:stop], s[j], quotients[start:stop])  # slices: the loop vectorizes
-        # the table lookups, which do not vectorize, in loops of their own
+            if fp4:
+                _fp4(x[start:stop], s[j], codes[start:stop])
+            else:
+                _divide(x[start:stop], s[j], quotients[start:stop])
+        found = codes if packed else o
+        if not fp4:  # the table lookups, which do not vectorize, in a loop of their own
+            for c in range(n):
+                found[c] = lookup[quotients[c]]
         if packed:
             for k in range(n // 2):
-                o[k] = lookup[quotients[2 * k]] | (lookup[quotients[2 * k + 1]] << np.uint8(4))
-        else:
-            for c in range(n):
-                o[c] = lookup[quotients[c]]
+                o[k] = codes[2 * k] | (codes[2 * k + 1] << np.uint8(4))
 
 
 @numba.njit(inline="always")
@@ -101,23 +104,10 @@ def _divide(x, d, out):
         out[c] = np.uint16(_bits(_bf16(_float(np.uint32(x[c]) << shift) / d)) >> shift)
 
 
-@numba.njit(nogil=True, cache=True)
-def _fp4_codes(values, scales, rows, cols, out):
-    """compress._fp4_packed's codes: the float32 quotient (not rounded), clamped to +-6, is
-    coded by the FP4 boundaries below its magnitude, plus 8 for a negative one."""
-    n = values.shape[1]
-    codes = np.empty(n, dtype=np.uint8)
-    for r in range(values.shape[0]):
-        x, s, o = values[r], scales[r // rows], out[r]
-        for j in range(len(s)):
-            start, stop = j * cols, min(j * cols + cols, n)
-            _fp4(x[start:stop], s[j], codes[start:stop])
-        for k in range(n // 2):
-            o[k] = codes[2 * k] | (codes[2 * k + 1] << np.uint8(4))
-
-
 @numba.njit(inline="always")
 def _fp4(x, d, out):
+    """compress._fp4_packed's codes: the float32 quotient x / d (not rounded), clamped to
+    +-6, coded by the FP4 boundaries below its magnitude, plus 8 for a negative one."""
     for c in range(len(x)):
         q = _float(np.uint32(x[c]) << np.uint32(16)) / d
         q = max(min(q, np.float32(6.0)), np.float32(-6.0))
