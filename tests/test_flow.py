@@ -171,8 +171,10 @@ def test_memory_does_not_grow_with_shard_size(tmp_path, scheme):
     # maxrss would start at the peak of the process that spawned this one).
     script = """
 import sys
+import torch
 from storage.dest import Dest
 from storage.source import Folder
+from tasks.core.compress import quantize_weights
 from tasks.core.shard import write_shard
 from tasks.core.planner import plan_checkpoint
 from tasks.core.schemes import resolve_config
@@ -186,6 +188,8 @@ plan, _ = plan_checkpoint(sys.argv[1], config)
 dest = Dest(sys.argv[1] + "-out")
 dest.prepare(plan.source)
 (shard,) = plan.shards
+for scheme in config.config_groups.values():  # numba starts once per process (~80 MB)
+    quantize_weights([torch.randn(256, 1024).to(torch.bfloat16)], scheme)
 rss = status("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")
 write_shard(shard, Folder(plan.source).open, dest.staging, config.config_groups)

@@ -154,7 +154,8 @@ def test_kill_9_at_random_moments_then_rerun_resumes_byte_identical(tmp_path, se
 
     from benchmarks.make_checkpoint import make_checkpoint
 
-    src = make_checkpoint(tmp_path / "src", size_gb=0.3, shard_gb=0.025, hidden=1024)
+    # enough shards for every kill below to find work left, however fast a shard goes
+    src = make_checkpoint(tmp_path / "src", size_gb=0.5, shard_gb=0.025, hidden=1024)
     n_shards = len(list(src.glob("*.safetensors")))
     out = tmp_path / "out"
     home = str(tmp_path / "prefect-home")
@@ -178,9 +179,14 @@ def test_kill_9_at_random_moments_then_rerun_resumes_byte_identical(tmp_path, se
         done = len(list(out.glob("model-*.safetensors")))
         if attempt in (0, 2, 3):  # quantizing or hashing: a random moment after a new shard
             wait(lambda done=done: len(list(out.glob("model-*.safetensors"))) > done)
-            time.sleep(rng.uniform(0, 1))
-        elif attempt == 1:  # starting or planning
-            time.sleep(rng.uniform(0, 12))
+            time.sleep(rng.uniform(0, 0.3))
+        elif attempt == 1:  # starting or planning (at the latest, as its first shard lands)
+            deadline = time.monotonic() + rng.uniform(0, 12)
+            wait(
+                lambda done=done, deadline=deadline: (
+                    time.monotonic() > deadline or len(list(out.glob("model-*.safetensors"))) > done
+                )
+            )
         elif attempt == 4:  # finalizing: between the index and config.json
             wait(index.exists)
         if attempt < 5 and proc.poll() is None:
