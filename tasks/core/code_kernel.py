@@ -27,8 +27,8 @@ from tasks.core.observers import kernel_handles, scale_extent
 def codes_of(x, scale, args, kind: str, into=None) -> torch.Tensor | None:
     """`codes` of x under `args`' scale elements, written into `into` (x's rows of the whole
     weight's output) when given; None where the kernel does not take x and scale."""
-    extent = scale_extent(x, args)
-    return codes(x, scale, *extent, kind, into) if extent and handles(x, scale, kind) else None
+    extent = handles(x, scale, kind) and scale_extent(x, args)
+    return codes(x, scale, *extent, kind, into) if extent else None
 
 
 def handles(x: torch.Tensor, scale: torch.Tensor, kind: str) -> bool:

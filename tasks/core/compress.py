@@ -318,8 +318,8 @@ def _compress_rows(
     the per-tensor scale and zero point); everything else comes from the
     chunk's own min and max: those of its rows in the whole weight, or their
     rows of `ranges`, the whole weight's searched (min, max). The quantized
-    values are written straight into their rows of `outputs` where a route can
-    (fresh memory costs a page fault per 4 KiB here, a chunk's copy and a copy).
+    values are written straight into their rows of `outputs` where a route can:
+    an output of the chunk's own would cost fresh pages (a fault per 4 KiB) and a copy.
     """
     from compressed_tensors.quantization import QuantizationStrategy as S
     from compressed_tensors.quantization.utils import calculate_qparams

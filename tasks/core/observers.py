@@ -82,8 +82,7 @@ def observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
     from compressed_tensors.quantization import QuantizationStrategy as S
     from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
 
-    extent = scale_extent(weight, args)
-    if extent and kernel_handles(weight):
+    if kernel_handles(weight) and (extent := scale_extent(weight, args)):
         from tasks.core.code_kernel import extremes
 
         found = extremes(weight, *extent)
@@ -121,11 +120,11 @@ def kernel_handles(x: torch.Tensor) -> bool:
 
 
 def scale_extent(weight: torch.Tensor, args) -> tuple[int, int] | None:
-    """(rows, columns) of `weight` under one scale element, where they tile it (a block
-    scheme pads a weight they do not tile: None)."""
+    """(rows, columns) of the matrix `weight` under one scale element, where they tile it (a
+    block scheme pads a weight they do not tile: None)."""
     from compressed_tensors.quantization import QuantizationStrategy as S
 
-    rows, cols = weight.shape[-2:] if weight.dim() >= 2 else (1, weight.shape[-1])
+    rows, cols = weight.shape
     if args.strategy == S.TENSOR:
         return rows, cols
     if args.strategy == S.CHANNEL:
