@@ -67,7 +67,7 @@ def layer(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def layer_errors(name: str, observer: str, seeds: int, rotated: bool = False) -> dict:
-    from tasks.core.compress import quantize_weights
+    from tasks.core.quant.compress import quantize_weights
     from tasks.core.records import Rotation
     from tasks.core.rotate import block_of, rotate
     from tasks.core.verify.accuracy import dequantized

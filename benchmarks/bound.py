@@ -73,7 +73,7 @@ def compute_rate(src: Path, plan, schemes: dict, device) -> float:
     import torch
 
     from tasks.core.codecs import Codec
-    from tasks.core.compress import quantize_weights
+    from tasks.core.quant.compress import quantize_weights
     from tasks.core.shard import read_unit
 
     for scheme in schemes.values():  # numba's start (~0.5 s once per process) is not a rate

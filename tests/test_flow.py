@@ -174,7 +174,7 @@ import sys
 import torch
 from storage.dest import Dest
 from storage.source import Folder
-from tasks.core.compress import quantize_weights
+from tasks.core.quant.compress import quantize_weights
 from tasks.core.shard import write_shard
 from tasks.core.planner import plan_checkpoint
 from tasks.core.schemes import resolve_config

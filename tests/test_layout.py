@@ -54,14 +54,88 @@ def test_each_layer_imports_only_what_lies_below(folder, forbidden):
             assert not bad, f"{path.relative_to(ROOT)} imports {name}"
 
 
-def test_no_production_file_is_much_over_400_lines():
-    long = {
-        str(p.relative_to(ROOT)): n
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the production modules it imports, at module level or inside functions.
+
+    `from a.b import c` is an edge to a.b.c when that is a module, else to a.b; a
+    package's own submodules it imports are edges like any other.
+    """
+    paths = {}
+    for d in PRODUCTION:
+        for path in (ROOT / d).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) + 1 - node.level]
+                    base = ".".join([*up, base] if base else up)
+                for a in node.names:
+                    targets.add(f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base)
+        graph[name] = {t for t in targets if t in paths and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`: its strongly connected components of two or more
+    modules (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v) :]
+            del stack[stack.index(v) :]
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle():
+    """No module imports, even inside a function, a module that imports it back: each layer
+    and each module in it can be read, changed and tested from the bottom up."""
+    assert cycles(module_graph()) == []
+
+
+def test_the_cycle_check_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert "tasks.core.planner" in module_graph()["tasks.plan"]
+
+
+def test_no_module_imports_the_private_names_of_another():
+    """What two modules share is public, or they are one module."""
+    private = [
+        f"{path.relative_to(ROOT)}: {node.module}.{a.name}"
         for d in PRODUCTION
-        for p in (ROOT / d).rglob("*.py")
-        if (n := len(p.read_text().splitlines())) > 420
-    }
-    assert not long
+        for path in sorted((ROOT / d).rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        for a in node.names
+        if a.name.startswith("_") and not a.name.startswith("__")
+    ]
+    assert not private
 
 
 CORE_WITHOUT_PREFECT = """

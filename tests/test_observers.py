@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from storage.errors import PtqflowError
-from tasks.core import compress, observers
-from tasks.core.compress import quantize_weights
+from tasks.core.quant import compress, observers
+from tasks.core.quant.compress import quantize_weights
+from tasks.core.quant.kinds import kind_of
 from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint, load_tensors
 from tests.helpers import IGNORE, assert_same_bytes, quantize_folder
@@ -121,7 +122,7 @@ def test_torch_and_compiled_errors_are_the_same_bits(monkeypatch, name):
 def test_fused_search_sums_as_torch_and_leaves_torch_the_unsure_sums(monkeypatch):
     """The kernel sums each group itself; where its sum could round to another bfloat16 than
     torch's, torch sums that group's terms. Best error, step and improvements are torch's."""
-    from tasks.core import mse_kernel
+    from tasks.core.quant import mse_kernel
 
     args = observers.search_args(scheme("NVFP4A16", "nvfp4_expanded_mse").weights)
     search = observers.search_of("nvfp4_expanded_mse", None)
@@ -136,10 +137,12 @@ def test_fused_search_sums_as_torch_and_leaves_torch_the_unsure_sums(monkeypatch
         return torch.full((len(values),), 3e38).to(torch.bfloat16), torch.zeros(len(values)).long()
 
     best, step = start()
-    improved = mse_kernel.search(values, scale, zero, args, search.norm, best, step, 3)
+    kind = kind_of(args)
+    steps = observers._stepper(values, values.shape[1], kind)  # the kernel's, then advance
+    improved = steps(values, scale, zero, args, search.norm, best, step, 3)
     assert unsure, "no sum was unsure: the fallback went untested"
     each = zip(scale, zero, strict=True)
-    err = torch.stack([observers._error(values, s, z, args, search.norm) for s, z in each])
+    err = torch.stack([observers._error(values, s, z, args, kind, search.norm) for s, z in each])
     torch_best, torch_step = start()
     assert torch.equal(improved, observers.advance(err, torch_best, torch_step, 3))
     assert torch.equal(best, torch_best) and torch.equal(step, torch_step)
@@ -241,3 +244,29 @@ def test_cli_takes_an_observer_for_a_preset(tmp_path, capsys):
     assert main(["plan", str(src), "--scheme", "W4A16", "--observer", "memoryless_mse"]) == 0
     assert main(["plan", str(src), "--scheme", "W4A16", "--observer", "imatrix_mse"]) == 2
     assert "activation statistics" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("W4A16", "int"), ("W8A16", "int"), ("FP8_BLOCK", "fp8"), ("MXFP4A16", "fp4")],
+)
+def test_each_preset_has_its_kind_of_quantizer(name, kind):
+    from tasks.core.quant.kinds import QuantKind, kind_of
+
+    assert kind_of(scheme(name, "memoryless_mse").weights) is QuantKind.get(kind)
+
+
+def test_a_float_width_with_no_kernel_is_refused_not_searched_as_fp4():
+    """6-bit floats are no FP4: the search, compress and resolving a config refuse them,
+    naming the kind, where they once fell into the FP4 grid."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=6, type="float", strategy="group", group_size=32)
+    w = heavy_tailed(64, 256, seed=2)
+    with pytest.raises(PtqflowError, match="6-bit float weights: ptqflow has no quantizer"):
+        observers.searched_minmax(w, args, observers.search_of("memoryless_mse", None))
+    with pytest.raises(PtqflowError, match="6-bit float"):
+        compress.compress_function(QuantizationScheme(targets=["Linear"], weights=args))
+    group = {"targets": ["Linear"], "weights": args.model_dump()}
+    with pytest.raises(PtqflowError, match="config group 'g': 6-bit float"):
+        resolve_config(config={"config_groups": {"g": group}})

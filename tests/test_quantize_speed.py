@@ -10,8 +10,9 @@ import torch
 
 from storage.errors import PtqflowError
 from storage.source import Folder
-from tasks.core.compress import quantize_weights, row_chunks
 from tasks.core.planner import plan_checkpoint
+from tasks.core.quant.compress import quantize_weights, row_chunks
+from tasks.core.quant.kinds import FP4, FP8, INT
 from tasks.core.schemes import resolve_config
 from tasks.core.shard import write_shard
 from tests.checkpoints import build_checkpoint
@@ -173,7 +174,7 @@ def test_fp8_route_on_every_quotient(dtype, scale):
     """The short FP8 route equals compressed-tensors' quantize for every finite quotient."""
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
-    from tasks.core.compress import _fp8_weight
+    from tasks.core.quant.compress import _fp8_weight
 
     x = every_finite(dtype)
     args = scheme_of("FP8_DYNAMIC").weights
@@ -189,7 +190,7 @@ def test_int4_route_on_every_quotient(dtype, scale):
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
-    from tasks.core.compress import _int4_packed
+    from tasks.core.quant.compress import _int4_packed
 
     x = every_finite(dtype)
     args = scheme_of("W4A16").weights
@@ -245,7 +246,7 @@ def test_fp4_route_on_quotients_around_every_boundary():
     """The short NVFP4 route equals quantize_and_pack_fp4 on boundaries, ±0 and all bf16 values."""
     from compressed_tensors.compressors.nvfp4.helpers import quantize_and_pack_fp4
 
-    from tasks.core.compress import _fp4_packed
+    from tasks.core.quant.compress import _fp4_packed
 
     x = fp4_quotients()
     args = scheme_of("NVFP4A16").weights
@@ -262,13 +263,13 @@ def test_fp4_kernel_on_every_bfloat16_value(scale, gscale):
     finite bfloat16 value, boundaries included (x / 1 and x / 6 hit every one)."""
     from compressed_tensors.compressors.nvfp4.helpers import quantize_and_pack_fp4
 
-    from tasks.core.compress import _fp4_packed, _kernel_codes
+    from tasks.core.quant.compress import _fp4_packed, _kernel_codes
 
     x = every_finite(torch.bfloat16)
     args = scheme_of("NVFP4A16").weights
     s = torch.full((x.shape[0], x.shape[1] // 16), scale, dtype=torch.bfloat16)
     g = torch.tensor([gscale])
-    assert _kernel_codes(x, s / g, args, "fp4", None) is not None
+    assert _kernel_codes(x, s / g, args, FP4, None) is not None
     want = quantize_and_pack_fp4(x, s, global_scale=g, group_size=16)
     assert torch.equal(_fp4_packed(x, s, g, args), want)
 
@@ -313,8 +314,8 @@ def test_worker_pools_count_the_cpus_this_process_may_use(tmp_path):
 def test_the_kernel_finds_torchs_min_and_max(name):
     """code_kernel.extremes (observe's bfloat16 route) against torch's reduction of every
     scale element's values, on edge values; a NaN sends observe back to torch."""
-    from tasks.core.code_kernel import extremes
-    from tasks.core.observers import scale_extent
+    from tasks.core.quant.code_kernel import extremes
+    from tasks.core.quant.geometry import scale_extent
 
     w = edge_weight()
     w[9, 3], w[200, 17] = float("inf"), float("-inf")
@@ -333,11 +334,11 @@ def test_the_kernel_finds_torchs_min_and_max(name):
 
 def test_the_kernel_takes_bfloat16_routes():
     """The every-quotient tests above exercise code_kernel for bfloat16, torch for float16."""
-    from tasks.core.compress import _kernel_codes
+    from tasks.core.quant.compress import _kernel_codes
 
     x = every_finite(torch.bfloat16)
     s = torch.full((x.shape[0], 1), 1 / 3, dtype=x.dtype)
-    for name, kind in [("FP8_DYNAMIC", "fp8"), ("W4A16", "int4")]:
+    for name, kind in [("FP8_DYNAMIC", FP8), ("W4A16", INT)]:
         assert _kernel_codes(x, s, scheme_of(name).weights, kind, None) is not None
         assert _kernel_codes(x.half(), s.half(), scheme_of(name).weights, kind, None) is None
         assert _kernel_codes(x, s * 0, scheme_of(name).weights, kind, None) is None

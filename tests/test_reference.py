@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from tasks.core.compress import quantize_weights
+from tasks.core.quant.compress import quantize_weights
 from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint, load_tensors
 from tests.helpers import (

@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from storage.errors import PtqflowError
 from storage.safetensors import read_file_header
-from tasks.core.compress import meta_outputs
-from tasks.core.schemes import resolve_config, scheme_format
+from tasks.core.quant.compress import meta_outputs
+from tasks.core.quant.kinds import scheme_format
+from tasks.core.schemes import resolve_config
 from tasks.core.verify import verify, vllm_layout, write_report
 from tests.checkpoints import build_checkpoint, load_tensors
 from tests.helpers import IGNORE, SCHEMES, default_groups, quantize_folder, scheme_of, split_experts

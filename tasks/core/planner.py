@@ -258,7 +258,7 @@ def _check_fused(weights, groups, schemes, report: Report) -> None:
 
 def _plan_outputs(weights, groups, schemes, report: Report, codec) -> dict[str, list[TensorSpec]]:
     from storage.safetensors import DTYPE_NAMES
-    from tasks.core.compress import meta_outputs
+    from tasks.core.quant.compress import meta_outputs
 
     cache: dict[tuple, list | str] = {}
     out: dict[str, list[TensorSpec]] = {}
@@ -347,7 +347,7 @@ def _config_dict(config, kept=(), ignored=(), codec=None) -> dict:
     from compressed_tensors import __version__
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
-    from tasks.core.schemes import scheme_format
+    from tasks.core.quant.kinds import scheme_format
 
     groups = {}
     for name, scheme in config.config_groups.items():

@@ -9,7 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from storage.errors import PtqflowError
-from tasks.core.observers import check_observer, warn_alias
+from tasks.core.quant.kinds import kind_of
+from tasks.core.quant.observers import check_observer, warn_alias
 
 # llm-compressor 0.14's model_free_ptq writes a config's kv_cache_scheme as given, with no scales
 KV_CACHE_WARNING = (
@@ -206,6 +207,10 @@ def _check_scheme(group: str, scheme) -> None:
             "needs calibration data; make them dynamic or drop them"
         )
     weights = scheme.weights
+    try:
+        kind_of(weights)
+    except PtqflowError as e:
+        raise PtqflowError(f"config group {group!r}: {e}") from None
     check_observer(weights.observer, weights.observer_kwargs, f"config group {group!r}")
     warn_alias(weights.observer)
     if scheme.weights.actorder is not None:
@@ -214,11 +219,3 @@ def _check_scheme(group: str, scheme) -> None:
         )
     if not scheme.targets:
         scheme.targets = ["Linear"]
-
-
-def scheme_format(scheme) -> str:
-    """The compressed-tensors format name that will compress `scheme` on a Linear layer."""
-    import torch
-    from compressed_tensors.compressors.format import infer_module_format
-
-    return scheme.format or infer_module_format(torch.nn.Linear, scheme).value

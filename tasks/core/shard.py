@@ -1,6 +1,6 @@
 """Write one output shard, unit by unit, streamed from its source files.
 
-The weight math is tasks/core/compress.py; here each unit is read (mapped, or
+The weight math is tasks/core/quant/compress.py; here each unit is read (mapped, or
 pinned and copied for a GPU; dequantized for a pre-quantized source; rotated),
 quantized and written at its planned offset, with the stages overlapped on a GPU.
 """
@@ -20,7 +20,7 @@ from storage.dest import write_atomic
 from storage.errors import disk_full_is
 from storage.safetensors import DTYPE_NAMES, ShardWriter, read_tensor
 from tasks.core.codecs import Codec
-from tasks.core.compress import Tensors, quantize_weights
+from tasks.core.quant.compress import Tensors, quantize_weights
 from tasks.core.records import Manifest, Read, ShardPlan, Unit
 from tasks.core.rotate import rotate
 

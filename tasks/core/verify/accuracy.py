@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from tasks.core.compress import Tensors, quantize_weights
-from tasks.core.observers import observe
-from tasks.core.schemes import scheme_format
+from tasks.core.quant.compress import Tensors, quantize_weights
+from tasks.core.quant.kinds import scheme_format
+from tasks.core.quant.observers import observe
 from tasks.core.verify.records import ZERO_BLOCK_FLOOR
 
 

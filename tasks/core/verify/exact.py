@@ -13,7 +13,7 @@ import torch
 
 from storage.safetensors import read_tensor
 from tasks.core.codecs import Codec
-from tasks.core.compress import Tensors, quantize_weights
+from tasks.core.quant.compress import Tensors, quantize_weights
 from tasks.core.records import ShardPlan
 from tasks.core.shard import read_unit
 from tasks.core.verify.accuracy import check_accuracy

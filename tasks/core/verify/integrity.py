@@ -18,10 +18,10 @@ from storage.errors import PtqflowError
 from storage.names import CONFIG, INDEX
 from storage.safetensors import FLOAT_DTYPES, Header, TensorSpec, read_header
 from storage.source import HUB_ID, Folder, open_source
-from tasks.core.compress import meta_outputs
+from tasks.core.quant.compress import meta_outputs
+from tasks.core.quant.kinds import scheme_format
 from tasks.core.records import Plan, Read
 from tasks.core.rotate import ROTATION_KEY
-from tasks.core.schemes import scheme_format
 from tasks.core.select import mtp_modules
 from tasks.core.verify.accuracy import error_limit
 from tasks.core.verify.layout import check_vllm_layout

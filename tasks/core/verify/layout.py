@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from tasks.core.quant.kinds import scheme_format
 from tasks.core.records import Read
-from tasks.core.schemes import scheme_format
 from tasks.core.verify.records import TensorResult
 
 FLOAT_SCALES = ("F32", "F16", "BF16")  # vLLM copies these into its own float scale parameter

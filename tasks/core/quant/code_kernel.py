@@ -20,34 +20,41 @@ import numba
 import numpy as np
 import torch
 
-from tasks.core.mse_kernel import _bf16, _bits, _float
-from tasks.core.observers import kernel_handles, scale_extent
+from tasks.core.quant.bits import bf16, bits, float_of
+from tasks.core.quant.geometry import kernel_handles, scale_extent
+from tasks.core.quant.kinds import FP4, FP8, INT, QuantKind
+
+__all__ = ["BITS", "codes", "codes_of", "extremes", "handles", "table"]
+
+# the kinds of quantizer the kernel codes, and the width of their codes: 4-bit codes are
+# packed two to a byte
+BITS = {FP8: 8, INT: 4, FP4: 4}
 
 
-def codes_of(x, scale, args, kind: str, into=None) -> torch.Tensor | None:
+def codes_of(x, scale, args, kind: QuantKind, into=None) -> torch.Tensor | None:
     """`codes` of x under `args`' scale elements, written into `into` (x's rows of the whole
     weight's output) when given; None where the kernel does not take x and scale."""
-    extent = handles(x, scale, kind) and scale_extent(x, args)
+    extent = BITS.get(kind) == args.num_bits and handles(x, scale, kind) and scale_extent(x, args)
     return codes(x, scale, *extent, kind, into) if extent else None
 
 
-def handles(x: torch.Tensor, scale: torch.Tensor, kind: str) -> bool:
-    """Whether the kernel computes x's codes: x as observers.kernel_handles takes it, a
-    bfloat16 scale (fp4: the float32 divisor scale / global scale), every one finite and
+def handles(x: torch.Tensor, scale: torch.Tensor, kind: QuantKind) -> bool:
+    """Whether the kernel computes x's codes: x as geometry.kernel_handles takes it, a
+    bfloat16 scale (FP4: the float32 divisor scale / global scale), every one finite and
     nonzero (so no quotient of a finite x is NaN)."""
     return (
         kernel_handles(x)
-        and scale.dtype == (torch.float32 if kind == "fp4" else torch.bfloat16)
+        and scale.dtype == (torch.float32 if kind is FP4 else torch.bfloat16)
         and bool(torch.isfinite(scale).all() and scale.all())
     )
 
 
 @functools.cache
-def table(kind: str) -> np.ndarray:
+def table(kind: QuantKind) -> np.ndarray:
     """The code of every bfloat16 quotient q (indexed by its bits), as torch computes it:
-    "fp8": clamp(q, -448, 448) -> float8_e4m3fn; "int4": round(clamp(q, -8, 7)) + 8."""
+    FP8: clamp(q, -448, 448) -> float8_e4m3fn; INT (4 bits): round(clamp(q, -8, 7)) + 8."""
     q = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    if kind == "fp8":
+    if kind is FP8:
         from compressed_tensors.quantization.quant_args import FP8_E4M3_DATA
 
         codes = q.clamp(FP8_E4M3_DATA.min, FP8_E4M3_DATA.max).to(FP8_E4M3_DATA.dtype)
@@ -58,19 +65,19 @@ def table(kind: str) -> np.ndarray:
 
 
 def codes(
-    x: torch.Tensor, scale: torch.Tensor, rows: int, cols: int, kind: str, into=None
+    x: torch.Tensor, scale: torch.Tensor, rows: int, cols: int, kind: QuantKind, into=None
 ) -> torch.Tensor:
-    """The codes of x (fp8 bytes, or int4 or fp4 codes packed two to a byte, the even column
+    """The codes of x (FP8 bytes, or INT4 or FP4 codes packed two to a byte, the even column
     in the low nibble), where scale[i, j] scales x[i * rows : (i + 1) * rows, j * cols : ...]:
     `into` (a contiguous tensor of those bytes), or a new uint8 tensor."""
     values = x.contiguous().view(torch.int16).numpy().view(np.uint16)
     scales = scale.reshape(-(-x.shape[0] // rows), -1).float().numpy()
-    packed = kind != "fp8"
+    packed = BITS[kind] == 4
     shape = (x.shape[0], x.shape[1] // 2 if packed else x.shape[1])
     out = torch.empty(shape, dtype=torch.uint8) if into is None else into
     target = out.view(torch.uint8).view(shape).numpy()
-    lookup = table("int4" if kind == "fp4" else kind)  # fp4 looks nothing up
-    _codes(values, scales, rows, cols, lookup, kind == "fp4", packed, target)
+    lookup = table(INT if kind is FP4 else kind)  # FP4 looks nothing up
+    _codes(values, scales, rows, cols, lookup, kind is FP4, packed, target)
     return out
 
 
@@ -101,7 +108,7 @@ def _divide(x, d, out):
     """out = bits of bfloat16(x / d), x as bfloat16 bits: torch's bfloat16 division."""
     shift = np.uint32(16)
     for c in range(len(x)):
-        out[c] = np.uint16(_bits(_bf16(_float(np.uint32(x[c]) << shift) / d)) >> shift)
+        out[c] = np.uint16(bits(bf16(float_of(np.uint32(x[c]) << shift) / d)) >> shift)
 
 
 @numba.njit(inline="always")
@@ -109,7 +116,7 @@ def _fp4(x, d, out):
     """compress._fp4_packed's codes: the float32 quotient x / d (not rounded), clamped to
     +-6, coded by the FP4 boundaries below its magnitude, plus 8 for a negative one."""
     for c in range(len(x)):
-        q = _float(np.uint32(x[c]) << np.uint32(16)) / d
+        q = float_of(np.uint32(x[c]) << np.uint32(16)) / d
         q = max(min(q, np.float32(6.0)), np.float32(-6.0))
         a = abs(q)
         out[c] = (

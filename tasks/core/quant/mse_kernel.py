@@ -17,20 +17,28 @@ import functools
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba.core import types
-from numba.extending import intrinsic
 
-INT, FP8, FP4 = 0, 1, 2
-_HIGH = np.uint32(0xFFFF0000)
+from tasks.core.quant.bits import bf16, bits
+from tasks.core.quant.kinds import FP4, FP8, INT, QuantKind
+
+__all__ = ["FUSED_VALUES", "KINDS", "errors", "handles", "search"]
+
+# the kinds of quantizer the loops are compiled for, and their constants in them
+KINDS = (INT, FP8, FP4)
+_INT, _FP4 = INT.code, FP4.code
 # groups of up to this many values are summed in the kernel (`search`); in larger ones (channels,
 # blocks) the bound on torch's rounding leaves too many sums unsure, and torch sums them all
 FUSED_VALUES = 256
 
 
-def handles(x: torch.Tensor) -> bool:
-    """Whether this kernel computes x's errors: finite bfloat16 on the CPU."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and bool(torch.isfinite(x).all())
+def handles(x: torch.Tensor, kind: QuantKind) -> bool:
+    """Whether this kernel computes x's errors: finite bfloat16 on the CPU, of a kind it has."""
+    return (
+        kind in KINDS
+        and x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and bool(torch.isfinite(x).all())
+    )
 
 
 @functools.cache
@@ -42,17 +50,20 @@ def _tables(norm: float) -> tuple[np.ndarray, np.ndarray]:
     return power, fp8
 
 
-def errors(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args, norm: float):
-    """Errors (steps, groups) as bfloat16 of values (groups, values), as observers._error's:
-    every term computed here, each group summed by torch."""
-    quantizer, values, scales, zeros = _operands(x, scale, zero, args, norm)
+def errors(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args, kind, norm: float):
+    """Errors (steps, groups) as bfloat16 of values (groups, values), as observers' torch
+    errors: every term computed here, each group summed by torch."""
+    quantizer, values, scales, zeros = _operands(x, scale, zero, args, kind, norm)
     terms = np.empty((len(scales), *values.shape), dtype=np.uint16)
     _terms(values, scales, zeros, *quantizer, terms)
     return _summed(terms)
 
 
-def search(x, scale, zero, args, norm: float, best, step, first: int) -> torch.Tensor:
-    """observers.advance(errors(x, scale, zero, args, norm), best, step, first), fused.
+def search(x, scale, zero, args, kind, norm: float, best, step, first: int):
+    """observers.advance(errors(x, scale, zero, args, kind, norm), best, step, first), fused,
+    for the groups whose errors it is sure of. Returns (improved, groups, unsure): whether
+    one of those improved at each step, and the other groups with their errors (steps,
+    groups), for observers to advance.
 
     A group's error is torch's float32 sum of its terms rounded to bfloat16, and
     torch's summation order decides the last float32 bits. Any order's float32
@@ -63,15 +74,13 @@ def search(x, scale, zero, args, norm: float, best, step, first: int) -> torch.T
     values, 1 in 200 of 128), torch sums the terms, and torch's advance takes
     those groups. Groups of more than FUSED_VALUES values are not for it.
     """
-    from tasks.core.observers import advance
-
-    quantizer, values, scales, zeros = _operands(x, scale, zero, args, norm)
-    kind, asym, lo, hi, power, fp8 = quantizer
+    quantizer, values, scales, zeros = _operands(x, scale, zero, args, kind, norm)
+    code, asym, lo, hi, power, fp8 = quantizer
     sums = np.empty(scales.shape[::-1], dtype=np.float32)  # (groups, steps): a group's adjacent
     improved = np.zeros(len(scales), dtype=np.bool_)
     pending = np.zeros(len(values), dtype=np.bool_)
     lowest = best.float().numpy()
-    kernel = _search(kind, asym)
+    kernel = _search(code, asym)
     kernel(
         values,
         scales,
@@ -89,59 +98,29 @@ def search(x, scale, zero, args, norm: float, best, step, first: int) -> torch.T
     )
     best.copy_(torch.from_numpy(lowest))
     groups = np.flatnonzero(pending)
-    if len(groups):
-        unsure = sums[groups]
-        g, i = np.nonzero(np.isnan(unsure))
+    unsure = sums[groups]
+    g, i = np.nonzero(np.isnan(unsure))
+    if len(g):
         terms = np.empty((1, len(g), values.shape[1]), dtype=np.uint16)
         at = groups[g]
         _terms(values[at], scales[i, at][None], zeros[i, at][None], *quantizer, terms)
         unsure[g, i] = _summed(terms)[0].float().numpy()
-        b, s = best[groups], step[groups]
-        improved |= advance(torch.from_numpy(unsure.T).to(best.dtype), b, s, first).numpy()
-        best[groups], step[groups] = b, s
-    return torch.from_numpy(improved)
+    unsure = torch.from_numpy(unsure.T).to(best.dtype)
+    return torch.from_numpy(improved), torch.from_numpy(groups), unsure
 
 
-def _operands(x, scale, zero, args, norm: float):
+def _operands(x, scale, zero, args, kind: QuantKind, norm: float):
     """The kernels' quantizer (kind, asymmetric, range, tables) and float32 arrays."""
     from compressed_tensors.quantization.utils import calculate_range
 
     lo, hi = (float(v) for v in calculate_range(args, x.device))
-    kind = INT if args.type == "int" else FP8 if args.num_bits == 8 else FP4
-    quantizer = (kind, not args.symmetric, lo, hi, *_tables(norm))
+    quantizer = (kind.code, not args.symmetric, lo, hi, *_tables(norm))
     return quantizer, x.float().numpy(), scale.float().numpy(), zero.float().numpy()
 
 
 def _summed(terms: np.ndarray) -> torch.Tensor:
     """torch's bfloat16 sums over the last axis of terms (bfloat16 bits)."""
     return torch.from_numpy(terms.view(np.int16)).view(torch.bfloat16).sum(dim=-1)
-
-
-@intrinsic
-def _bits(typingctx, x):
-    """The bits of a float32, as a uint32 (a register bitcast)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
-
-
-@intrinsic
-def _float(typingctx, b):
-    """The float32 whose bits are b."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.uint32), codegen
-
-
-@numba.njit(inline="always")
-def _bf16(v):
-    """v rounded to the nearest-even bfloat16, as torch rounds a float32 result."""
-    b = _bits(v)
-    return _float((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & _HIGH)
 
 
 @numba.njit(inline="always")
@@ -174,31 +153,31 @@ def _differences(x, s, z, kind, asym, lo, hi, fp8, out):
     that vectorizes, but for the FP8 round trip's table lookups.
     """
     lo32, hi32, shift = np.float32(lo), np.float32(hi), np.uint32(16)
-    if kind == INT and not asym:
+    if kind == _INT and not asym:
         for k in range(len(x)):
-            y = np.float32(np.rint(_clamp(_bf16(x[k] / s), lo32, hi32)))
-            out[k] = np.uint16(_bits(_bf16(_bf16(y * s) - x[k])) >> shift)
-    elif kind == INT:
+            y = np.float32(np.rint(_clamp(bf16(x[k] / s), lo32, hi32)))
+            out[k] = np.uint16(bits(bf16(bf16(y * s) - x[k])) >> shift)
+    elif kind == _INT:
         for k in range(len(x)):
-            y = _clamp(_bf16(_bf16(x[k] / s) + z), lo32, hi32)
-            d = _bf16(_bf16((np.float32(np.rint(y)) - z) * s) - x[k])
-            out[k] = np.uint16(_bits(d) >> shift)
-    elif kind == FP4 and not asym:
+            y = _clamp(bf16(bf16(x[k] / s) + z), lo32, hi32)
+            d = bf16(bf16((np.float32(np.rint(y)) - z) * s) - x[k])
+            out[k] = np.uint16(bits(d) >> shift)
+    elif kind == _FP4 and not asym:
         for k in range(len(x)):
-            y = _clamp(_bf16(x[k] / s), lo32, hi32)
-            out[k] = np.uint16(_bits(_bf16(_bf16(_fp4(y) * s) - x[k])) >> shift)
-    elif kind == FP4:
+            y = _clamp(bf16(x[k] / s), lo32, hi32)
+            out[k] = np.uint16(bits(bf16(bf16(_fp4(y) * s) - x[k])) >> shift)
+    elif kind == _FP4:
         for k in range(len(x)):
-            y = _clamp(_bf16(_bf16(x[k] / s) + z), lo32, hi32)
-            d = _bf16(_bf16((_fp4(y) - z) * s) - x[k])
-            out[k] = np.uint16(_bits(d) >> shift)
+            y = _clamp(bf16(bf16(x[k] / s) + z), lo32, hi32)
+            d = bf16(bf16((_fp4(y) - z) * s) - x[k])
+            out[k] = np.uint16(bits(d) >> shift)
     else:
         for k in range(len(x)):
-            y = _clamp(_bf16(_bf16(x[k] / s) + z), lo32, hi32)
-            out[k] = np.uint16(_bits(y) >> shift)
+            y = _clamp(bf16(bf16(x[k] / s) + z), lo32, hi32)
+            out[k] = np.uint16(bits(y) >> shift)
         for k in range(len(x)):
-            d = _bf16(_bf16((fp8[out[k]] - z) * s) - x[k])
-            out[k] = np.uint16(_bits(d) >> shift)
+            d = bf16(bf16((fp8[out[k]] - z) * s) - x[k])
+            out[k] = np.uint16(bits(d) >> shift)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -209,13 +188,13 @@ def _terms(values, scales, zeros, kind, asym, lo, hi, power, fp8, terms):
             out = terms[i, j]
             _differences(values[j], scales[i, j], zeros[i, j], kind, asym, lo, hi, fp8, out)
             for k in range(len(out)):
-                out[k] = np.uint16(_bits(power[out[k]]) >> np.uint32(16))
+                out[k] = np.uint16(bits(power[out[k]]) >> np.uint32(16))
 
 
 @functools.cache
 def _search(kind: int, asym: bool):
-    """The search kernel for one kind of quantizer (a constant in it: a branch on it in the
-    loop makes the loop 1.8x slower).
+    """The search kernel for one kind of quantizer, its code a constant in it (a branch on
+    it in the loop makes the loop 1.8x slower).
 
     It computes sums[j, i], the error of group j at step i, or NaN where unsure.
     A group with none unsure goes through its steps as observers.advance does:
@@ -238,8 +217,8 @@ def _search(kind: int, asym: bool):
                     continue
                 _differences(x, scales[i, j], zeros[i, j], kind, asym, lo, hi, fp8, buffer)
                 total = _total(buffer, power)
-                low = _bf16(np.float32(total * (1.0 - slack)))
-                high = _bf16(np.float32(total * (1.0 + slack)))
+                low = bf16(np.float32(total * (1.0 - slack)))
+                high = bf16(np.float32(total * (1.0 + slack)))
                 known = low == high and low < np.inf
                 sure = sure and known
                 sums[j, i] = low if known else np.nan
@@ -254,9 +233,9 @@ def _search(kind: int, asym: bool):
 
 
 @numba.njit(fastmath={"reassoc"})
-def _total(bits, power):
-    """The float32 sum of the terms power[bits], in whatever order vectorizes."""
+def _total(codes, power):
+    """The float32 sum of the terms power[codes], in whatever order vectorizes."""
     total = np.float32(0.0)
-    for b in bits:
+    for b in codes:
         total += power[b]
     return total

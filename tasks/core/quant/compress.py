@@ -24,7 +24,20 @@ import torch
 
 from storage.safetensors import DTYPE_NAMES, DTYPES
 from tasks.core.devices import limit_malloc_arenas, usable_cpus
-from tasks.core.observers import kernel_handles, observe, search_of, searched_minmax
+from tasks.core.quant.geometry import kernel_handles
+from tasks.core.quant.kinds import FP4, FP4_STEPS, FP8, INT, QuantKind, kind_of, scheme_format
+from tasks.core.quant.observers import observe, search_of, searched_minmax
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "Tensors",
+    "compress_function",
+    "meta_outputs",
+    "quantize_weights",
+    "row_chunks",
+    "scale_dtype",
+    "searched",
+]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -157,11 +170,11 @@ def _divide(x: torch.Tensor, scale: torch.Tensor, args) -> torch.Tensor:
     return x / scale
 
 
-def _kernel_codes(x, scale, args, kind: str, into) -> torch.Tensor | None:
-    """tasks/core/code_kernel.py's codes, where it takes x (imported only then: numba)."""
+def _kernel_codes(x, scale, args, kind: QuantKind, into) -> torch.Tensor | None:
+    """code_kernel.py's codes, where it takes x (imported only then: numba)."""
     if not kernel_handles(x):
         return None
-    from tasks.core.code_kernel import codes_of
+    from tasks.core.quant.code_kernel import codes_of
 
     return codes_of(x, scale, args, kind, into)
 
@@ -176,7 +189,7 @@ def _fp8_weight(x: torch.Tensor, scale: torch.Tensor, args, into=None) -> torch.
     """
     from compressed_tensors.quantization.quant_args import FP8_E4M3_DATA
 
-    codes = _kernel_codes(x, scale, args, "fp8", into)
+    codes = _kernel_codes(x, scale, args, FP8, into)
     if codes is not None:
         return codes.view(FP8_E4M3_DATA.dtype)
     q = _divide(x, scale, args)
@@ -189,26 +202,12 @@ def _int4_packed(x: torch.Tensor, scale: torch.Tensor, args, into=None) -> torch
     pack_to_int32 puts value k of each run of 8 (offset by 8) at bits 4k of an
     int32; on a little-endian host that is byte k // 2, low nibble for even k.
     """
-    packed = _kernel_codes(x, scale, args, "int4", into)
+    packed = _kernel_codes(x, scale, args, INT, into)
     if packed is None:
         q = _divide(x, scale, args).clamp_(-8, 7).round_().add_(8).to(torch.uint8)
         pairs = q.view(q.shape[0], -1, 2)
         packed = pairs[..., 0] | (pairs[..., 1] << 4)
     return packed.view(torch.int32)
-
-
-# Round-to-nearest-even boundaries of |x| between the FP4 (E2M1) magnitudes
-# 0, 0.5, 1, 1.5, 2, 3, 4, 6, as compressed-tensors' cast_to_fp4 draws them:
-# (boundary, whether the boundary itself rounds up).
-FP4_STEPS = (
-    (0.25, False),
-    (0.75, True),
-    (1.25, False),
-    (1.75, True),
-    (2.5, False),
-    (3.5, True),
-    (5.0, False),
-)
 
 
 def _fp4_packed(x, scale: torch.Tensor, global_scale: torch.Tensor, args, into=None):
@@ -221,7 +220,7 @@ def _fp4_packed(x, scale: torch.Tensor, global_scale: torch.Tensor, args, into=N
     keeps its sign, an exact -0.0 does not: torch.sign(-0.0) is 0).
     """
     divisor = scale / global_scale
-    packed = _kernel_codes(x, divisor, args, "fp4", into)
+    packed = _kernel_codes(x, divisor, args, FP4, into)
     if packed is not None:
         return packed
     q = _divide(x, divisor, args).clamp_(-6.0, 6.0)
@@ -246,18 +245,20 @@ def compress_function(scheme) -> Callable[[Tensors], Tensors]:
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationStrategy as S
 
-    from tasks.core.schemes import scheme_format
-
-    args, fmt = scheme.weights, scheme_format(scheme)
+    args, fmt, kind = scheme.weights, scheme_format(scheme), kind_of(scheme.weights)
     compressor = BaseCompressor.get_value_from_registry(fmt)
-    kind = (args.type, args.num_bits, args.strategy)
-    fp8 = fmt in ("float-quantized", "naive-quantized") and kind in (
-        ("float", 8, S.TENSOR),
-        ("float", 8, S.CHANNEL),
-        ("float", 8, S.BLOCK),
+    fp8 = (
+        kind is FP8
+        and fmt in ("float-quantized", "naive-quantized")
+        and args.strategy in (S.TENSOR, S.CHANNEL, S.BLOCK)
     )
-    int4 = fmt == "pack-quantized" and kind in (("int", 4, S.CHANNEL), ("int", 4, S.GROUP))
-    fp4 = fmt == "nvfp4-pack-quantized" and kind == ("float", 4, S.TENSOR_GROUP)
+    int4 = (
+        kind is INT
+        and args.num_bits == 4
+        and fmt == "pack-quantized"
+        and args.strategy in (S.CHANNEL, S.GROUP)
+    )
+    fp4 = kind is FP4 and fmt == "nvfp4-pack-quantized" and args.strategy == S.TENSOR_GROUP
     shortcut = (fp8 or int4 or fp4) and args.symmetric and sys.byteorder == "little"
 
     def compress(state: Tensors, into: torch.Tensor | None = None) -> Tensors:

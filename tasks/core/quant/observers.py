@@ -20,7 +20,8 @@ changes is the order of work: each run of groups goes through a window of steps
 while in cache, on its own core, and the stop rule, which needs every group of the
 weight, is applied to what every run reports (`searched_minmax`). For bfloat16
 on the CPU, the per-element arithmetic runs in one compiled loop
-(tasks/core/mse_kernel.py) instead of a dozen passes of torch operations.
+(mse_kernel.py) instead of a dozen passes of torch operations. Both dispatch
+on the weights' kind of quantizer (kinds.py).
 
 `mse` is a single observation here, so it is `memoryless_mse` (llm-compressor's
 model_free_ptq renames it to a `static_mse` that does not exist and fails).
@@ -36,6 +37,20 @@ from dataclasses import dataclass, fields
 import torch
 
 from storage.errors import PtqflowError
+from tasks.core.quant.geometry import kernel_handles, scale_extent
+from tasks.core.quant.kinds import QuantKind, kind_of
+
+__all__ = [
+    "KNOWN",
+    "SEARCHES",
+    "Search",
+    "advance",
+    "check_observer",
+    "observe",
+    "search_of",
+    "searched_minmax",
+    "warn_alias",
+]
 
 MINMAX = ("minmax", "static_minmax", "memoryless_minmax")
 # observers that weigh the error with activation statistics, which model-free runs do not have
@@ -75,7 +90,7 @@ def observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
 
     Reduces strided views in place of the observer's transposed copies: min and
     max are exact in any order, so the values are the observer's. On the CPU, a
-    bfloat16 matrix is reduced in one compiled pass (tasks/core/code_kernel.py),
+    bfloat16 matrix is reduced in one compiled pass (code_kernel.py),
     and other 16-bit weights per row, group or block as float32, which torch
     reduces 1.5-3x faster; both conversions are exact.
     """
@@ -83,7 +98,7 @@ def observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
     from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
 
     if kernel_handles(weight) and (extent := scale_extent(weight, args)):
-        from tasks.core.code_kernel import extremes
+        from tasks.core.quant.code_kernel import extremes
 
         found = extremes(weight, *extent)
         if found is not None:
@@ -112,29 +127,6 @@ def observe(weight: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         raise ValueError(f"strategy {args.strategy} cannot be applied to weights")
     return lo.to(weight.dtype), hi.to(weight.dtype)
-
-
-def kernel_handles(x: torch.Tensor) -> bool:
-    """Whether tasks/core/code_kernel.py takes x: a 2-D bfloat16 tensor on the CPU."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
-
-
-def scale_extent(weight: torch.Tensor, args) -> tuple[int, int] | None:
-    """(rows, columns) of the matrix `weight` under one scale element, where they tile it (a
-    block scheme pads a weight they do not tile: None)."""
-    from compressed_tensors.quantization import QuantizationStrategy as S
-
-    rows, cols = weight.shape
-    if args.strategy == S.TENSOR:
-        return rows, cols
-    if args.strategy == S.CHANNEL:
-        return 1, cols
-    if args.strategy in (S.GROUP, S.TENSOR_GROUP) and cols % args.group_size == 0:
-        return 1, args.group_size
-    if args.strategy == S.BLOCK:
-        bh, bw = args.block_structure
-        return (bh, bw) if rows % bh == 0 and cols % bw == 0 else None
-    return None
 
 
 def observer_name(name: str | None) -> str:
@@ -231,49 +223,63 @@ def shrunk(t: torch.Tensor, factors: list[float]) -> torch.Tensor:
 
 def errors(values: torch.Tensor, scale, zero, args, norm: float) -> torch.Tensor:
     """Error of every step (rows) and group (columns): values (groups, n), scale (steps, groups)."""
-    mse_kernel = _kernel_module()
-    if mse_kernel is not None and mse_kernel.handles(values):
-        return mse_kernel.errors(values, scale, zero, args, norm)
-    return _torch_errors(values, scale, zero, args, norm)
+    kind, mse_kernel = kind_of(args), _kernel_module()
+    if mse_kernel is not None and mse_kernel.handles(values, kind):
+        return mse_kernel.errors(values, scale, zero, args, kind, norm)
+    return _torch_errors(values, scale, zero, args, kind, norm)
 
 
-def _torch_errors(values: torch.Tensor, scale, zero, args, norm: float) -> torch.Tensor:
+def _torch_errors(values: torch.Tensor, scale, zero, args, kind, norm: float) -> torch.Tensor:
     each = zip(scale, zero, strict=True)
-    return torch.stack([_error(values, s, z, args, norm) for s, z in each])
+    return torch.stack([_error(values, s, z, args, kind, norm) for s, z in each])
 
 
-def _stepper(weight: torch.Tensor, width: int):
-    """How runs of `weight`'s groups of `width` values go through a window of steps.
+def _stepper(weight: torch.Tensor, width: int, kind: QuantKind):
+    """How runs of `weight`'s groups of `width` values go through a window of steps: a
+    function of (values, scale, zero, args, norm, best, step, first) that `advance`s best
+    and step, and returns whether any group improved at each step.
 
     The compiled kernel handles the weight or not (checked once: it reads every
-    value). It runs the fused search on groups it can sum itself; on larger ones
+    value). It runs the fused search on groups it can sum itself, and leaves the
+    groups whose errors it is unsure of to `advance` here; on larger ones
     (channels, blocks) it computes the terms and torch sums them; otherwise torch
-    computes everything. Either of the last two is then `advance`d.
+    computes everything.
     """
     mse_kernel = _kernel_module()
     score = _torch_errors
-    if mse_kernel is not None and mse_kernel.handles(weight):
+    if mse_kernel is not None and mse_kernel.handles(weight, kind):
         if width <= mse_kernel.FUSED_VALUES:
-            return mse_kernel.search
+
+            def fused(values, scale, zero, args, norm: float, best, step, first: int):
+                improved, groups, unsure = mse_kernel.search(
+                    values, scale, zero, args, kind, norm, best, step, first
+                )
+                if len(groups):
+                    b, s = best[groups], step[groups]
+                    improved |= advance(unsure, b, s, first)
+                    best[groups], step[groups] = b, s
+                return improved
+
+            return fused
         score = mse_kernel.errors
 
     def steps(values, scale, zero, args, norm: float, best, step, first: int) -> torch.Tensor:
-        return advance(score(values, scale, zero, args, norm), best, step, first)
+        return advance(score(values, scale, zero, args, kind, norm), best, step, first)
 
     return steps
 
 
 @functools.cache
 def _kernel_module():
-    """tasks.core.mse_kernel, or None where numba is missing (torch computes the same errors)."""
+    """mse_kernel, or None where numba is missing (torch computes the same errors)."""
     try:
-        from tasks.core import mse_kernel
+        from tasks.core.quant import mse_kernel
     except ImportError:
         return None
     return mse_kernel
 
 
-def _error(x: torch.Tensor, scale, zero, args, norm: float) -> torch.Tensor:
+def _error(x: torch.Tensor, scale, zero, args, kind: QuantKind, norm: float) -> torch.Tensor:
     """Σ|fake_quant(x) - x|^norm per group, with compressed-tensors' operations and dtypes.
 
     As compressed-tensors' fake_quantize: x / scale (+ zero point), clamp,
@@ -288,31 +294,10 @@ def _error(x: torch.Tensor, scale, zero, args, norm: float) -> torch.Tensor:
     y = x / scale
     if not args.symmetric:
         y += zero.unsqueeze(-1)
-    y.clamp_(lo, hi)
-    if args.type == "int":
-        y.round_()
-    elif args.num_bits == 8:
-        y = y.to(torch.float8_e4m3fn).to(x.dtype)
-    else:
-        y = fp4_values(y)
+    y = kind.onto(y.clamp_(lo, hi))
     if not args.symmetric:
         y -= zero.unsqueeze(-1)
     return (y * scale - x).abs_().pow_(norm).sum(dim=-1)
-
-
-FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-
-
-def fp4_values(y: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors' cast_to_fp4 of y: the nearest FP4 value, ties to the even code."""
-    from tasks.core.compress import FP4_STEPS
-
-    a = y.abs()
-    code = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
-    for boundary, up in FP4_STEPS:
-        code += a >= boundary if up else a > boundary
-    magnitude = torch.tensor(FP4_MAGNITUDES, dtype=y.dtype, device=y.device)[code.long()]
-    return torch.where(y < 0, -magnitude, magnitude)
 
 
 def advance(err: torch.Tensor, best: torch.Tensor, step: torch.Tensor, first: int) -> torch.Tensor:
@@ -342,11 +327,12 @@ def searched_minmax(weight: torch.Tensor, args, search: Search, parallel=map, bu
     `parallel` (the quantize worker pool); each keeps only its groups' best
     error and step, so memory stays bounded by the weight.
     """
+    kind = kind_of(args)
     x = grouped(weight, args)
     lo = torch.amin(x, dim=(0, -1)) * search.expand
     hi = torch.amax(x, dim=(0, -1)) * search.expand
     values, lo_, hi_ = x.reshape(-1, x.shape[-1]), lo.reshape(-1), hi.reshape(-1)
-    count, factors, steps = len(values), search.factors, _stepper(weight, values.shape[1])
+    count, factors, steps = len(values), search.factors, _stepper(weight, values.shape[1], kind)
     best = torch.full((count,), torch.finfo(lo.dtype).max, dtype=lo.dtype)
     step = torch.zeros(count, dtype=torch.long)
     done, stale = 0, 0
