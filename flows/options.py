@@ -18,8 +18,8 @@ signatures take their descriptions, defaults and bounds from them:
 every run); `document` writes the same descriptions into the docstring's Args
 section, where Prefect's deployment parameter schema reads them.
 
-Imported by the CLI: nothing here imports Prefect, pydantic or torch at module
-level, so `ptqflow --help` answers at once.
+Imported by the CLI: nothing here imports Prefect, pydantic, torch or
+compressed-tensors at module level, so `ptqflow --help` answers at once.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from storage.errors import PtqflowError
+from tasks.core.formats import source_formats
 
-# Choices shared with the flows' Literal types (tests check them against tasks.core.codecs).
-SOURCE_FORMATS = ("auto", "plain", "fp8-block", "compressed-tensors", "modelopt-nvfp4", "awq")
+# Choices shared with the flows' Literal types; source formats are registered in formats.py
+SOURCE_FORMATS = source_formats()
 TASK_RUNNERS = ("threads", "dask")
 
 

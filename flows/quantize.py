@@ -24,6 +24,7 @@ from storage.dest import Dest
 from storage.errors import PtqflowError
 from storage.source import Folder
 from tasks.core.devices import check_devices, limit_malloc_arenas
+from tasks.core.formats import CompressedTensors, Format
 from tasks.core.records import Summary
 from tasks.core.schemes import chosen_rotation, resolve_config
 from tasks.core.transfer import cache_dir_for
@@ -142,14 +143,11 @@ def run_quantize(**params) -> Summary:
     return quantize_checkpoint(**params)
 
 
-# compressed-tensors converters that llm-compressor's model_free_ptq accepts: the source format
-# ptqflow dequantizes with them, and the settings each carries (config.json's keys for them)
-CONVERTERS = {
-    "FP8BlockDequantizer": ("fp8-block", ("weight_block_size",)),
-    "AutoAWQConverter": ("awq", ("bits", "group_size", "zero_point", "version")),
-    "CompressedTensorsDequantizer": ("compressed-tensors", ()),
-    "ModelOptNvfp4Converter": ("modelopt-nvfp4", ()),
-}
+# compressed-tensors converters that llm-compressor's model_free_ptq accepts, by class name: the
+# source format ptqflow dequantizes with each, and the settings it carries (config.json's keys)
+CONVERTERS = {f.converter: f for f in Format.registered()}
+# what ptqflow applies to every source it dequantizes anyway, as compressed-tensors chains them
+FOLLOWER = CompressedTensors.converter
 
 
 def converter_source(converter) -> tuple[str, dict]:
@@ -165,14 +163,13 @@ def converter_source(converter) -> tuple[str, dict]:
                 f"converter {name} is not supported; ptqflow dequantizes the sources of "
                 f"{', '.join(CONVERTERS)} itself (detected from config.json)"
             )
-    if not chain or any(n != "CompressedTensorsDequantizer" for n in names[1:]):
+    if not chain or any(n != FOLLOWER for n in names[1:]):
         raise PtqflowError(
-            f"converters {names}: give one converter, optionally followed by a "
-            "CompressedTensorsDequantizer"
+            f"converters {names}: give one converter, optionally followed by a {FOLLOWER}"
         )
-    fmt, keys = CONVERTERS[names[0]]
-    settings = {k: getattr(chain[0], k) for k in keys}
-    return fmt, {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+    fmt = CONVERTERS[names[0]]
+    settings = {k: getattr(chain[0], k) for k in fmt.settings}
+    return fmt.name, {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
 
 
 def device_parameter(device) -> str | None:

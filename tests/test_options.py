@@ -5,6 +5,7 @@ parameters say (num_workers, a list of devices)."""
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import sys
 import threading
@@ -92,10 +93,62 @@ def test_prefect_validates_the_bounds_and_choices():
         quantize_checkpoint.validate_parameters({**given, "source_format": "gguf"})
 
 
-def test_choices_are_the_cores():
-    from tasks.core.codecs import FORMATS
+REGISTERED = """
+import json
+from tasks.core.formats import Format
 
-    assert options.SOURCE_FORMATS == FORMATS
+@Format.register("gptq")
+class Gptq(Format):
+    quant_method, converter, settings = "gptq", "GPTQConverter", ("bits",)
+    marker, leaves = "g_idx", frozenset({"qweight", "g_idx"})
+
+class GPTQConverter:
+    bits = 3
+
+from flows.cli import build_parser
+from flows.quantize import converter_source
+from tasks.core.codecs import WEIGHT_QPARAM_LEAVES, detect_format
+
+argv = ["plan", "src", "--scheme", "W4A16", "--source-format", "gptq"]
+print(json.dumps([
+    build_parser().parse_args(argv).source_format,
+    converter_source(GPTQConverter()),
+    detect_format({"quantization_config": {"quant_method": "gptq"}}, []).name,
+    "g_idx" in WEIGHT_QPARAM_LEAVES,
+]))
+"""
+
+
+def test_a_registered_source_format_reaches_the_cli_the_flow_and_detection():
+    """formats.py is the one place a source format goes: registered there, it is a CLI
+    choice, model_free_ptq takes its converter, and config.json's quant_method finds it."""
+    proc = subprocess.run(
+        [sys.executable, "-c", REGISTERED], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == ["gptq", ["gptq", {"bits": 3}], "gptq", True]
+
+
+def test_the_choices_and_converters_are_the_registrys():
+    from flows.quantize import CONVERTERS
+    from tasks.core.formats import Format
+
+    names = [f.name for f in Format.registered()]
+    assert options.SOURCE_FORMATS == ("auto", "plain", *names)
+    assert {c: f.name for c, f in CONVERTERS.items()} == {
+        "FP8BlockDequantizer": "fp8-block",
+        "CompressedTensorsDequantizer": "compressed-tensors",
+        "ModelOptNvfp4Converter": "modelopt-nvfp4",
+        "AutoAWQConverter": "awq",
+    }
+
+
+def test_the_readme_table_of_source_formats_is_the_registrys():
+    from tasks.core.formats import Format
+
+    text = (ROOT / "README.md").read_text()
+    rows = [f"| `{f.name}` | {f.detected} | {f.examples} |" for f in Format.registered()]
+    assert "\n".join(rows) in text
 
 
 def test_dequantize_sets_a_subset_of_the_quantize_flow():

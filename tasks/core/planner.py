@@ -19,6 +19,7 @@ from storage.safetensors import FLOAT_DTYPES, TensorSpec
 from storage.source import Folder, open_source
 from tasks.core.checkpoint import Source, load_source, other_files, source_weights
 from tasks.core.codecs import Codec, decode_weights, detect_format, meta
+from tasks.core.formats import side_files
 from tasks.core.records import Plan, ShardPlan, Unit
 from tasks.core.rotate import plan_rotation
 from tasks.core.schemes import KV_CACHE_WARNING
@@ -33,7 +34,6 @@ from tasks.core.select import (
     tied_modules,
 )
 
-MODELOPT_CONFIG = "hf_quant_config.json"
 LARGE = 1 << 20  # unquantized 2-D tensors with at least this many elements are called out
 
 
@@ -80,8 +80,8 @@ def plan_checkpoint(
     model_config, shards = src.model_config, src.shards
     report = Report()
     names = [n for h in src.headers.values() for n in h.tensors]
-    side = json.loads(folder.read_text(MODELOPT_CONFIG)) if MODELOPT_CONFIG in src.files else None
-    fmt = detect_format(model_config, names, source_format, side, source_settings)
+    sides = {f: json.loads(folder.read_text(f)) for f in side_files() if f in src.files}
+    fmt = detect_format(model_config, names, source_format, sides, source_settings)
     rotate = None if rotate == "none" else rotate
     if fmt is None and not config.config_groups and not rotate:
         raise PtqflowError(f"{folder.url} is not quantized: there is nothing to dequantize")
@@ -214,7 +214,7 @@ def plan_checkpoint(
         report.counts[file] = _count(units, targeted, weights)
     other = other_files(src.files, shards, include_other_weights)
     if fmt is not None:  # the output is described by config.json alone
-        other = [f for f in other if f != MODELOPT_CONFIG]
+        other = [f for f in other if f not in side_files()]
     fingerprints = {f: folder.fingerprint(f) for f in shards}
     done = groups.keys() | kept.keys()
     ignored = [n for n in targeted if n not in done and len(weights[n].shape) == 2]

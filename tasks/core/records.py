@@ -89,10 +89,8 @@ class Unit:
 
 @dataclass(frozen=True)
 class SourceFormat:
-    """How a pre-quantized source stores its weights (see tasks/dequantize.py).
-
-    `name` is one of dequantize.FORMATS; `config` the source's quantization_config.
-    """
+    """How a pre-quantized source stores its weights: `name` is a format registered in
+    tasks/core/formats.py, `config` the source's quantization_config (settled by it)."""
 
     name: str
     config: dict
