@@ -71,7 +71,6 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from flows.server import prefect_server
     from storage.dest import Dest
     from tasks.core.devices import check_devices
-    from tasks.core.schemes import chosen_rotation, resolve_config
     from tasks.plan import plan, planned
 
     params = options.COMMANDS[a.command].values(a)
@@ -80,25 +79,11 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     # Check everything that can be checked from headers before Prefect starts.
     check_devices(params["device"])
     # what the flow plans from: its plan task takes the plan made here for the checks
-    args = (
-        params["source"],
-        resolve_config(
-            params.get("scheme"),
-            params["config"],
-            params.get("ignore") or [],
-            params.get("observer"),
-        ),
-        params.get("include_other_weights", False),
-        params["revision"],
-        params["source_format"],
-        params.get("keep_source_quantization_for_ignored", False),
-        options.json_object(params["source_settings"], "--source-settings"),
-        chosen_rotation(params.get("rotate"), params["config"]),
-    )
-    made = plan(*args)
+    request = options.plan_request(**params)
+    made = plan(request)
     Dest(params["destination"]).check(made[0].source, params["overwrite"])
     imported()
-    with planned(made, *args), prefect_server():
+    with planned(request, made), prefect_server():
         summary = run_quantize(**params)
     print_summary(summary)
     return 0
@@ -121,18 +106,9 @@ def print_summary(summary) -> None:
 
 def cmd_plan(a: argparse.Namespace) -> int:
     from tasks.core.planner import plan_checkpoint
-    from tasks.core.schemes import chosen_rotation, resolve_config
 
-    plan, report = plan_checkpoint(
-        a.source,
-        resolve_config(a.scheme, a.config, a.ignore or [], a.observer),
-        strict=False,
-        revision=a.revision,
-        source_format=a.source_format,
-        keep_source_quantization=a.keep_source_quantization_for_ignored,
-        source_settings=options.json_object(a.source_settings, "--source-settings"),
-        rotate=chosen_rotation(a.rotate, a.config),
-    )
+    request = options.plan_request(**options.PLAN.values(a))
+    plan, report = plan_checkpoint(request.source, request.config, strict=False, **request.options)
     if a.json:
         print(
             json.dumps(
@@ -198,21 +174,18 @@ def cmd_verify(a: argparse.Namespace) -> int:
     imported()
     with prefect_server():
         result = run_verify(**options.VERIFY.values(a))
-    c, worst = result["counts"], result["worst"]
+    c = result.counts
     print(
-        f"verified {result['quantized']}: {c.get('quantized', 0)} quantized, "
+        f"verified {result.quantized}: {c.get('quantized', 0)} quantized, "
         f"{c.get('ignored', 0)} ignored and {c.get('copied', 0)} copied weights, every byte "
-        f"as SOURCE gives it; {result['size_in'] / 1e9:.3f} GB -> "
-        f"{result['size_out'] / 1e9:.3f} GB"
+        f"as SOURCE gives it; {result.size_in / 1e9:.3f} GB -> {result.size_out / 1e9:.3f} GB"
     )
-    if worst:
-        print(
-            f"worst relative error {worst[0]['rel_error']:.4g} (limit {worst[0]['limit']:.4g})"
-            f": {worst[0]['tensor']}"
-        )
-    if result["logits"]:
-        print("logits vs SOURCE: " + ", ".join(f"{k} {x:.4g}" for k, x in result["logits"].items()))
-    print(f"report: {result['report']}")
+    if result.worst:
+        worst = result.worst[0]
+        print(f"worst relative error {worst.rel_error:.4g} (limit {worst.limit:.4g}): {worst.name}")
+    if result.logits:
+        print("logits vs SOURCE: " + ", ".join(f"{k} {x:.4g}" for k, x in result.logits.items()))
+    print(f"report: {result.report}")
     return 0
 
 

@@ -27,10 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storage.errors import PtqflowError
 from tasks.core.formats import source_formats
+
+if TYPE_CHECKING:
+    from tasks.core.records import PlanRequest
 
 # Choices shared with the flows' Literal types; source formats are registered in formats.py
 SOURCE_FORMATS = source_formats()
@@ -176,6 +179,38 @@ def json_object(text: str | None, name: str) -> dict | None:
             f'{name} must be a JSON object, like {{"weight_block_size": [128, 128]}}'
         )
     return value
+
+
+def plan_request(
+    source: str,
+    scheme: str | None = None,
+    config: str | dict | None = None,
+    ignore: list[str] | None = None,
+    observer: str | None = None,
+    rotate: str = "none",
+    include_other_weights: bool = False,
+    revision: str | None = None,
+    source_format: str = "auto",
+    source_settings: str | None = None,
+    keep_source_quantization_for_ignored: bool = False,
+    **run: Any,
+) -> PlanRequest:
+    """What a command plans from, given its flow's parameters (`run`: the others, which
+    change nothing in the plan). The CLI builds it to plan before Prefect starts and hands
+    the plan to the flow, which builds an equal one (tasks/plan.py `planned`)."""
+    from tasks.core.records import PlanRequest
+    from tasks.core.schemes import chosen_rotation, resolve_config
+
+    return PlanRequest(
+        source,
+        resolve_config(scheme, config, ignore or [], observer),
+        include_other_weights,
+        revision,
+        source_format,
+        keep_source_quantization_for_ignored,
+        json_object(source_settings, "--source-settings"),
+        chosen_rotation(rotate, config),
+    )
 
 
 # --- the options, shared where commands mean the same thing --------------------------------

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from flows.options import QUANTIZE, ROTATE, SOURCE_FORMATS, TASK_RUNNERS, json_object
+from flows.options import QUANTIZE, ROTATE, SOURCE_FORMATS, TASK_RUNNERS, plan_request
 from flows.shards import run_shards
 from storage.dest import Dest
 from storage.errors import PtqflowError
@@ -26,7 +26,6 @@ from storage.source import Folder
 from tasks.core.devices import check_devices, limit_malloc_arenas
 from tasks.core.formats import CompressedTensors, Format
 from tasks.core.records import Summary
-from tasks.core.schemes import chosen_rotation, resolve_config
 from tasks.core.transfer import cache_dir_for
 from tasks.finalize import finalize_task
 from tasks.plan import plan_task
@@ -83,17 +82,21 @@ def quantize_checkpoint(
     started = time.monotonic()
     limit_malloc_arenas()  # called from Python: before the task threads start
     devices = check_devices(device)
-    qconfig = resolve_config(scheme, config, ignore or [], observer)
-    plan = plan_task(
+    request = plan_request(
         source,
-        qconfig,
-        include_other_weights,
-        revision,
-        source_format,
-        keep_source_quantization_for_ignored,
-        json_object(source_settings, "--source-settings"),
-        chosen_rotation(rotate, config),
+        scheme,
+        config,
+        ignore,
+        observer,
+        rotate=rotate,
+        include_other_weights=include_other_weights,
+        revision=revision,
+        source_format=source_format,
+        source_settings=source_settings,
+        keep_source_quantization_for_ignored=keep_source_quantization_for_ignored,
     )
+    qconfig = request.config
+    plan = plan_task(request)
     dest = Dest(destination, private=private)
     with dest.writing(plan.source, overwrite):
         cache = cache_dir_for(Folder(plan.source), cache_dir)

@@ -14,7 +14,6 @@ without running and shows as Cached. Every other shard's upload runs with
 
 from __future__ import annotations
 
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -33,7 +32,7 @@ from tasks.core.keys import shard_key, still_valid
 from tasks.core.records import Manifest, Plan
 from tasks.core.shard import claimed
 from tasks.download import download_task
-from tasks.quantize import LOCAL_LIMITS, quantize_task
+from tasks.quantize import local_limits, quantize_task
 from tasks.upload import upload_task
 
 
@@ -182,8 +181,8 @@ def _collect(plan, futures: dict, chains: dict, cached: set, delete_downloads: b
 def device_limits(devices: list[str], max_workers: int, local: bool):
     """One concurrency limit per device, private to this flow run: a GPU takes one shard at
     a time, the CPU `max_workers`. `local`: the tasks are threads of this process, so a
-    semaphore each (tasks/quantize.py LOCAL_LIMITS); else a Prefect global concurrency limit,
-    named by run, so a killed run's leftover slots never block the next one."""
+    semaphore each (tasks/quantize.py `local_limits`); else a Prefect global concurrency
+    limit, named by run, so a killed run's leftover slots never block the next one."""
     from prefect.client.orchestration import get_client
     from prefect.context import get_run_context
     from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
@@ -192,12 +191,8 @@ def device_limits(devices: list[str], max_workers: int, local: bool):
     limits = {d: f"ptqflow-{run_id}-{d.replace(':', '')}" for d in devices}
     slots = {d: 1 if d.startswith("cuda") else max_workers for d in devices}
     if local:
-        LOCAL_LIMITS.update({limits[d]: threading.BoundedSemaphore(slots[d]) for d in devices})
-        try:
+        with local_limits({limits[d]: slots[d] for d in devices}):
             yield limits
-        finally:
-            for name in limits.values():
-                LOCAL_LIMITS.pop(name, None)
         return
     with get_client(sync_client=True) as client:
         for dev, name in limits.items():

@@ -9,6 +9,7 @@ from prefect.states import Failed
 
 from flows.options import VERIFY
 from storage.errors import PtqflowError
+from tasks.core.verify import VerifyResult
 from tasks.verify import verify_task
 
 described, DEFAULTS = VERIFY.described, VERIFY.defaults
@@ -25,7 +26,7 @@ def verify_checkpoint(
     load: Annotated[bool, described("load")] = DEFAULTS["load"],
     revision: Annotated[str | None, described("revision")] = DEFAULTS["revision"],
     cache_dir: Annotated[str | None, described("cache_dir")] = DEFAULTS["cache_dir"],
-) -> dict | State:
+) -> VerifyResult | State:
     """Check QUANTIZED against SOURCE; the report is written and attached as artifacts.
 
     The run fails, naming every failing tensor, when anything is incomplete, not
@@ -42,18 +43,18 @@ def verify_checkpoint(
         load=load,
         fail=False,
     )
-    if not result["ok"]:
+    if not result.ok:
         # a Failed state, not an exception: the run fails without a traceback in its logs
-        return Failed(message=result["message"], data=result)
+        return Failed(message=result.message, data=result)
     return result
 
 
-def run_verify(**params) -> dict:
+def run_verify(**params) -> VerifyResult:
     """Run the flow; a failed verification raises PtqflowError with its message."""
     state = verify_checkpoint(**params, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result
-    if not result["ok"]:
-        raise PtqflowError(result["message"])
+    if not result.ok:
+        raise PtqflowError(result.message)
     return result

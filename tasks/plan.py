@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,42 +11,28 @@ from prefect.cache_policies import NO_CACHE
 from storage.source import open_source
 from tasks.core.checkpoint import load_source
 from tasks.core.planner import Report, plan_checkpoint, reindex_plan
-from tasks.core.records import Plan
+from tasks.core.records import Plan, PlanRequest
 
-# Plans made a moment before the flow started, under the arguments they were made from
-# (see `planned`): taken by the plan task instead of reading every header again.
+# Plans made a moment before the flow started, by their requests' keys (see `planned`):
+# taken by the plan task instead of reading every header again.
 _MADE: dict[str, tuple[Plan, Report]] = {}
 
 
-def _key(args: tuple) -> str:
-    return json.dumps(args, default=lambda c: c.model_dump(mode="json"), sort_keys=True)
-
-
-def plan(*args) -> tuple[Plan, Report]:
-    """plan_checkpoint(source, config, include_other_weights, revision, source_format,
-    keep_source_quantization, source_settings, rotate), or the plan `planned` holds for them."""
-    made = _MADE.get(_key(args))
+def plan(request: PlanRequest) -> tuple[Plan, Report]:
+    """The plan of `request`: the one `planned` holds for it, or plan_checkpoint's (on a copy
+    of its config, which planning adds ignores to, so the request stays as it was made)."""
+    made = _MADE.get(request.key())
     if made is not None:
         return made
-    source, config, include, revision, fmt, keep, settings, rotate = args
-    return plan_checkpoint(
-        source,
-        config,
-        include_other_weights=include,
-        revision=revision,
-        source_format=fmt,
-        keep_source_quantization=keep,
-        source_settings=settings,
-        rotate=rotate,
-    )
+    return plan_checkpoint(request.source, request.config.model_copy(deep=True), **request.options)
 
 
 @contextmanager
-def planned(made: tuple[Plan, Report], *args) -> Iterator[None]:
-    """Within the block, `plan(*args)` is `made`: the CLI plans for its checks before
-    Prefect starts, and the flow's plan task then does not read every header again
-    (from the Hub, a request per shard). Other arguments plan afresh."""
-    _MADE[_key(args)] = made
+def planned(request: PlanRequest, made: tuple[Plan, Report]) -> Iterator[None]:
+    """Within the block, `plan(request)` is `made`: the CLI plans for its checks before
+    Prefect starts, and the flow's plan task, given an equal request, then does not read
+    every header again (from the Hub, a request per shard). Other requests plan afresh."""
+    _MADE[request.key()] = made
     try:
         yield
     finally:
@@ -55,27 +40,9 @@ def planned(made: tuple[Plan, Report], *args) -> Iterator[None]:
 
 
 @task(name="reindex-fused-weights", cache_policy=NO_CACHE)
-def plan_task(
-    source: str,
-    config,
-    include_other_weights: bool = False,
-    revision: str | None = None,
-    source_format: str | None = None,
-    keep_source_quantization: bool = False,
-    source_settings: dict | None = None,
-    rotate: str | None = None,
-) -> Plan:
+def plan_task(request: PlanRequest) -> Plan:
     """Plan quantize-checkpoint from SOURCE's headers; the plan's callouts go to the run's log."""
-    made, report = plan(
-        source,
-        config,
-        include_other_weights,
-        revision,
-        source_format,
-        keep_source_quantization,
-        source_settings,
-        rotate,
-    )
+    made, report = plan(request)
     for line in report.callouts:
         get_run_logger().warning(line)
     return made

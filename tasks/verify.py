@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from storage.errors import PtqflowError
 from storage.source import Folder
-from tasks.core.verify import default_report_dir, summary, verify, write_report
+from tasks.core.verify import VerifyResult, default_report_dir, summary, verify, write_report
 from tasks.core.verify.report import render_markdown, worst_rows
 
 
@@ -25,8 +25,8 @@ def verify_task(
     revision: str | None = None,
     load: bool = False,
     fail: bool = True,
-) -> dict:
-    """Verify, write the report, attach it to the run; returns `summary`.
+) -> VerifyResult:
+    """Verify, write the report, attach it to the run; returns its `summary`.
 
     With `fail`, any problem raises a PtqflowError that names the failing
     tensors (and fails the run); else the summary says ok False.
@@ -64,9 +64,9 @@ def verify_task(
     if v.ok:
         logger.info("verified: report in %s", paths["markdown"])
     elif fail:
-        raise PtqflowError(result["message"])
+        raise PtqflowError(result.message)
     else:
         logger.error(
-            "verify FAILED, %d problem(s): report in %s", result["problems"], paths["markdown"]
+            "verify FAILED, %d problem(s): report in %s", result.problems, paths["markdown"]
         )
     return result

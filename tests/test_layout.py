@@ -124,6 +124,47 @@ def test_the_cycle_check_finds_cycles():
     assert "tasks.core.planner" in module_graph()["tasks.plan"]
 
 
+MUTATORS = ("update", "pop", "clear", "setdefault", "append", "extend", "add", "remove")
+
+
+def test_no_module_writes_into_another_modules_globals():
+    """A module's state is its own: others go through what it exports (a context manager,
+    a function), never assign or mutate its attributes or its tables (UPPER_CASE names)."""
+    writes = []
+    for d in PRODUCTION:
+        for path in sorted((ROOT / d).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            ours = {
+                a.asname or a.name
+                for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PRODUCTION)
+                for a in node.names
+            } | {
+                (a.asname or a.name).split(".")[0]
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Import)
+                for a in node.names
+                if a.name.startswith(PRODUCTION)
+            }
+            for node in ast.walk(tree):
+                targets = []
+                if isinstance(node, ast.Assign | ast.AugAssign):
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                    named = isinstance(node.func.value, ast.Name) and node.func.value.id.isupper()
+                    if node.func.attr in MUTATORS and named:
+                        targets = [node.func]
+                for target in targets:
+                    base = target
+                    while isinstance(base, ast.Attribute | ast.Subscript):
+                        base = base.value
+                    if base is not target and isinstance(base, ast.Name) and base.id in ours:
+                        writes.append(
+                            f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(target)}"
+                        )
+    assert not writes
+
+
 def test_no_module_imports_the_private_names_of_another():
     """What two modules share is public, or they are one module."""
     private = [

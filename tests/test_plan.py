@@ -263,3 +263,30 @@ def test_plan_reports_problems_with_exit_1(capsys, tmp_path, ckpts):
     rc, text = run_plan(capsys, path, "W4A16")
     assert rc == 1
     assert sum(line.startswith("problem: ") for line in text.splitlines()) == 2
+
+
+def test_the_flow_takes_the_plan_the_cli_made_for_an_equal_request(ckpts):
+    """The CLI builds its PlanRequest from the flow's parameters as the flow does; the plan it
+    made for its checks is the flow's (tasks/plan.py `planned`), keyed by the request, which
+    planning leaves as it was (a tied checkpoint adds to the config's ignore list)."""
+    import cloudpickle
+
+    from flows import options
+    from flows.cli import build_parser
+    from tasks.plan import plan, planned
+
+    argv = ["quantize", str(ckpts["tied"]), "out", "--scheme", "W4A16", "--ignore", "lm_head"]
+    params = options.QUANTIZE.values(build_parser().parse_args(argv))
+    request = options.plan_request(**params)
+    flows_own = options.plan_request(
+        str(ckpts["tied"]), "W4A16", None, ["lm_head"], max_workers=1, device=None
+    )
+    assert flows_own.key() == request.key() == cloudpickle.loads(cloudpickle.dumps(request)).key()
+    made = plan(request)
+    assert request.key() == flows_own.key()  # the tied embedding went into a copy's ignores
+    assert "model.embed_tokens" in made[0].config["ignore"]
+    with planned(request, made):
+        assert plan(flows_own) is made
+        other = options.plan_request(str(ckpts["tied"]), "FP8_BLOCK")
+        assert plan(other) is not made
+    assert plan(flows_own) is not made

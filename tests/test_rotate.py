@@ -12,8 +12,8 @@ import torch
 from storage.errors import PtqflowError
 from tasks.core.keys import shard_key
 from tasks.core.planner import plan_checkpoint
-from tasks.core.records import Rotation
-from tasks.core.rotate import ROTATION_KEY, block_of, rotate
+from tasks.core.records import ROTATION_KEY, Rotation
+from tasks.core.rotate import block_of, rotate
 from tasks.core.schemes import resolve_config
 from tests.checkpoints import build_checkpoint, load_tensors
 from tests.helpers import IGNORE, quantize_folder

@@ -288,6 +288,32 @@ def test_report_holds_the_figures(copy_of, tmp_path):
     assert image[..., :3].std() > 0.05  # not a blank canvas
 
 
+def test_verify_returns_a_record_that_travels(copy_of, tmp_path):
+    """What the verify flow returns and the CLI prints: a frozen VerifyResult, the worst
+    weight first, that Prefect's result serializer (cloudpickle) carries unchanged."""
+    import dataclasses
+
+    import cloudpickle
+
+    from tasks.core.verify import VerifyResult, summary
+
+    src, out = copy_of("llama", "W4A16")
+    name = "model.layers.0.mlp.down_proj"
+    shard, offset, _ = locate(out, f"{name}.weight_scale")
+    write_bytes(shard, offset, struct.pack("<H", 0x7FC0))  # bf16 NaN in the first group
+    v = verify(str(src), str(out))
+    result = summary(v, write_report(v, tmp_path / "report"))
+    assert isinstance(result, VerifyResult) and not result.ok
+    assert result.message.startswith(f"{out} failed verification against {src}: 2 problem(s)")
+    assert result.problems == 2 and result.worst[0].name == f"{name}.weight"
+    assert result.counts["quantized"] == sum(t.status == "quantized" for t in v.tensors)
+    assert result.report == str(tmp_path / "report" / "report.md")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.ok = True
+    again = cloudpickle.loads(cloudpickle.dumps(result))
+    assert again.message == result.message and again.worst[0].name == result.worst[0].name
+
+
 def test_remote_folders_are_downloaded_shard_by_shard(output, tmp_path):
     src, out = output("llama", "MXFP4A16")
     memory = fsspec.filesystem("memory")
@@ -361,5 +387,5 @@ def test_quantize_with_verify_runs_it_last(tmp_path, prefect_server):
         device="cpu",
         verify=True,
     )
-    assert result.verify["ok"] is True
+    assert result.verify.ok is True
     assert (tmp_path / "out" / ".ptqflow" / "verify" / "report.md").exists()

@@ -10,7 +10,6 @@ from storage.errors import PtqflowError
 from storage.names import CONFIG, INDEX, PARTIAL
 from storage.source import Folder
 from tasks.core.records import Manifest, Plan
-from tasks.core.rotate import ROTATION_KEY
 
 
 def _read(source: Folder, rel: str) -> bytes:
@@ -50,9 +49,7 @@ def finalize(plan: Plan, source: Folder, dest: Dest, manifests: list[Manifest]) 
     elif plan.source_format is not None:  # dequantized
         model_config.pop("quantization_config", None)
     if plan.rotation is not None:  # what verify re-applies; the model runs without it
-        model_config[ROTATION_KEY] = plan.rotation
-        if plan.rotation["untied"]:
-            model_config["tie_word_embeddings"] = False
+        plan.rotation.write_into(model_config)
     files[CONFIG] = (json.dumps(model_config, indent=2, sort_keys=True) + "\n").encode()
     dest.commit(files, stale, shards=[m.name for m in manifests])
     return index

@@ -112,7 +112,7 @@ def plan_checkpoint(
     if rotate:
         rotation = plan_rotation(rotate, model_config, weights, per_file, keep_source_quantization)
         per_file = {f: [weights[w.name] for w in ws] for f, ws in per_file.items()}
-        report.callouts.append(rotation.pop("callout"))
+        report.callouts.append(rotation.callout)
 
     groups = assign_groups(weights, config)
     targeted = assign_groups(weights, _without_ignore(config))

@@ -1,16 +1,65 @@
 """Typed records that travel between stages (and processes) instead of tensors.
 
-The plan says what every output shard holds: a `Read` names the exact byte
-range of a source tensor, so a quantize task needs no header parsing and can
-read a fused partner from any source shard. A `Manifest` says what a finished
-shard is; a `Summary` what a run did.
+A `PlanRequest` is what a run plans from. The plan says what every output
+shard holds: a `Read` names the exact byte range of a source tensor, so a
+quantize task needs no header parsing and can read a fused partner from any
+source shard. A `Manifest` says what a finished shard is; a `Summary` what a
+run did.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from storage.safetensors import TensorSpec
+
+__all__ = [
+    "ROTATION_KEY",
+    "Manifest",
+    "Plan",
+    "PlanRequest",
+    "Read",
+    "ResidualRotation",
+    "Rotation",
+    "ShardPlan",
+    "SourceFormat",
+    "Summary",
+    "Unit",
+    "Weight",
+]
+
+ROTATION_KEY = "ptqflow_rotation"  # config.json: how the residual stream was rotated
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a quantize run plans from: plan_checkpoint's arguments, one record that the CLI
+    and the flow build alike from the flow's parameters, so the plan the CLI makes for its
+    checks is the one the flow takes (tasks/plan.py `planned`).
+
+    `config` is a resolved QuantizationConfig; `rotate` "none" or a rotation's kind.
+    """
+
+    source: str
+    config: Any
+    include_other_weights: bool = False
+    revision: str | None = None
+    source_format: str | None = None
+    keep_source_quantization: bool = False
+    source_settings: dict | None = None
+    rotate: str | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """plan_checkpoint's keyword arguments (all but source and config)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)[2:]}
+
+    def key(self) -> str:
+        """The request as JSON: equal requests, equal keys."""
+        every = {f.name: getattr(self, f.name) for f in fields(self)}
+        return json.dumps(every, default=lambda c: c.model_dump(mode="json"), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -35,6 +84,33 @@ class Rotation:
     size: int
     block: int
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class ResidualRotation:
+    """How a plan rotates the residual stream (tasks/core/rotate.py): `kind` with Hadamard
+    blocks of `block` and the signs of `seed`; `untied`: a tied lm_head got a weight of its
+    own. config.json records it for verify (`write_into`)."""
+
+    kind: str
+    block: int
+    seed: int = 0
+    untied: bool = False
+
+    @property
+    def callout(self) -> str:
+        """What the plan's report says of it."""
+        return (
+            f"the residual stream is rotated ({self.kind}, blocks of {self.block}): norms are "
+            "folded into the weights they feed and set to 1"
+            + (", and the tied lm_head is untied" * self.untied)
+        )
+
+    def write_into(self, model_config: dict) -> None:
+        """Record the rotation in a config.json mapping, as the rotated checkpoint's."""
+        model_config[ROTATION_KEY] = asdict(self)
+        if self.untied:
+            model_config["tie_word_embeddings"] = False
 
 
 @dataclass(frozen=True)
@@ -127,7 +203,7 @@ class Plan:
     other_files: list[str]
     fingerprints: dict[str, str] = field(default_factory=dict)  # source file -> version
     source_format: SourceFormat | None = None
-    rotation: dict | None = None  # how the residual stream was rotated, for config.json
+    rotation: ResidualRotation | None = None
 
     @property
     def total_size(self) -> int:
@@ -166,7 +242,7 @@ class Summary:
     shards: list[Manifest]
     total_size: int
     seconds: float
-    verify: dict | None = None
+    verify: Any = None  # tasks.core.verify's VerifyResult, with --verify
 
     @property
     def cached(self) -> int:

@@ -26,10 +26,11 @@ from functools import cache
 import torch
 
 from storage.errors import PtqflowError
-from tasks.core.records import Rotation
+from tasks.core.records import ResidualRotation, Rotation
+
+__all__ = ["KINDS", "MODEL_TYPES", "block_of", "plan_rotation", "roles", "rotate"]
 
 KINDS = ("none", "hadamard")
-ROTATION_KEY = "ptqflow_rotation"  # config.json: how the residual stream was rotated
 MIN_BLOCK = 64  # smaller blocks barely spread an outlier
 # model types whose tensors are all named below; others are refused
 MODEL_TYPES = (
@@ -119,10 +120,10 @@ def roles(model_config: dict, names: list[str]) -> dict[str, tuple[str, str | No
 
 def plan_rotation(
     kind: str, model_config: dict, weights: dict, per_file: dict, keep_quantization: bool
-) -> dict:
+) -> ResidualRotation:
     """Give every planned weight its rotation and the norm folded into it (in `weights`); a
     tied embedding gets an lm_head of its own, planned beside it (in `per_file`). Returns
-    the plan's rotation record, with a `callout` for the report."""
+    the plan's rotation."""
     if kind not in KINDS[1:]:
         raise PtqflowError(f"--rotate {kind}: the rotations ptqflow has are {', '.join(KINDS)}")
     if keep_quantization:
@@ -143,11 +144,7 @@ def plan_rotation(
             rotation=Rotation(side, size, block),
             norm=weights[norm].read if norm else None,
         )
-    callout = (
-        f"the residual stream is rotated ({kind}, blocks of {block}): norms are folded into "
-        "the weights they feed and set to 1" + (", and the tied lm_head is untied" * untied)
-    )
-    return {"kind": kind, "block": block, "seed": 0, "untied": untied, "callout": callout}
+    return ResidualRotation(kind, block, untied=untied)
 
 
 def block_of(size: int) -> int:

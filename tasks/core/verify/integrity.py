@@ -20,8 +20,7 @@ from storage.safetensors import FLOAT_DTYPES, Header, TensorSpec, read_header
 from storage.source import HUB_ID, Folder, open_source
 from tasks.core.quant.compress import meta_outputs
 from tasks.core.quant.kinds import scheme_format
-from tasks.core.records import Plan, Read
-from tasks.core.rotate import ROTATION_KEY
+from tasks.core.records import ROTATION_KEY, Plan, Read
 from tasks.core.select import mtp_modules
 from tasks.core.verify.accuracy import error_limit
 from tasks.core.verify.layout import check_vllm_layout
@@ -151,9 +150,7 @@ def _compare_configs(source_config: dict, config: dict, plan: Plan, v: Verificat
     # without a pre-quantized SOURCE's quantization_config; as a rotation leaves it
     src_config = {k: x for k, x in source_config.items() if k != "quantization_config"}
     if plan.rotation is not None:
-        src_config[ROTATION_KEY] = plan.rotation
-        if plan.rotation["untied"]:
-            src_config["tie_word_embeddings"] = False
+        plan.rotation.write_into(src_config)
     if rest != src_config:
         keys = sorted(
             k for k in rest.keys() | src_config.keys() if rest.get(k) != src_config.get(k)

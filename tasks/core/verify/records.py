@@ -59,6 +59,26 @@ class Verification:
         return not self.failures()
 
 
+@dataclass(frozen=True)
+class VerifyResult:
+    """What the verify flow returns: the failure message (None when verify passed),
+    counts of weights by status, sizes, the worst weights and where the report is."""
+
+    ok: bool
+    message: str | None
+    source: str
+    quantized: str
+    counts: dict[str, int]  # quantized, ignored, copied
+    shards: int
+    size_in: int
+    size_out: int
+    problems: int
+    worst: tuple[TensorResult, ...]  # the 5 quantized weights worst against their limit
+    logits: dict | None
+    report: str
+    plot: str
+
+
 @dataclass
 class Integrity:
     """What the data checks need from `check_integrity`."""

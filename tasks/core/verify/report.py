@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from storage.source import Folder
-from tasks.core.verify.records import TensorResult, Verification
+from tasks.core.verify.records import TensorResult, Verification, VerifyResult
 
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -237,24 +237,24 @@ def worst_rows(v: Verification, n: int) -> list[dict]:
     return [_row(t) for t in _ranked(v)[:n]]
 
 
-def summary(v: Verification, paths: dict[str, Path]) -> dict:
+def summary(v: Verification, paths: dict[str, Path]) -> VerifyResult:
     """What the flow returns: counts, sizes, the worst tensors, where the report is, and
     the failure message (None when verify passed)."""
     count = defaultdict(int)
     for t in v.tensors:
         count[t.status] += 1
-    return {
-        "ok": v.ok,
-        "message": None if v.ok else failure_message(v, paths["markdown"]),
-        "source": v.source,
-        "quantized": v.quantized,
-        "counts": dict(count),
-        "shards": len({t.shard for t in v.tensors}),
-        "size_in": v.size_in,
-        "size_out": v.size_out,
-        "problems": len(v.failures()),
-        "worst": worst_rows(v, 5),
-        "logits": v.logits,
-        "report": str(paths["markdown"]),
-        "plot": str(paths["plot"]),
-    }
+    return VerifyResult(
+        ok=v.ok,
+        message=None if v.ok else failure_message(v, paths["markdown"]),
+        source=v.source,
+        quantized=v.quantized,
+        counts=dict(count),
+        shards=len({t.shard for t in v.tensors}),
+        size_in=v.size_in,
+        size_out=v.size_out,
+        problems=len(v.failures()),
+        worst=tuple(_ranked(v)[:5]),
+        logits=v.logits,
+        report=str(paths["markdown"]),
+        plot=str(paths["plot"]),
+    )
