@@ -256,17 +256,13 @@ def test_each_preset_has_its_kind_of_quantizer(name, kind):
     assert kind_of(scheme(name, "memoryless_mse").weights) is QuantKind.get(kind)
 
 
-def test_a_float_width_with_no_kernel_is_refused_not_searched_as_fp4():
-    """6-bit floats are no FP4: the search, compress and resolving a config refuse them,
-    naming the kind, where they once fell into the FP4 grid."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
-    args = QuantizationArgs(num_bits=6, type="float", strategy="group", group_size=32)
+def test_a_float_width_with_no_grid_is_refused_by_the_search_not_searched_as_fp4():
+    """MXFP6's 6-bit floats are no FP4: an MSE observer on them is refused, naming the
+    kind, where they once fell into the FP4 grid; min-max is compressed-tensors' own."""
+    with pytest.raises(PtqflowError, match="'MXFP6A16' uses observer 'memoryless_mse': the MSE"):
+        resolve_config("MXFP6A16", observer="memoryless_mse")
+    s = scheme("MXFP6A16", "memoryless_minmax")
     w = heavy_tailed(64, 256, seed=2)
-    with pytest.raises(PtqflowError, match="6-bit float weights: ptqflow has no quantizer"):
-        observers.searched_minmax(w, args, observers.search_of("memoryless_mse", None))
-    with pytest.raises(PtqflowError, match="6-bit float"):
-        compress.compress_function(QuantizationScheme(targets=["Linear"], weights=args))
-    group = {"targets": ["Linear"], "weights": args.model_dump()}
-    with pytest.raises(PtqflowError, match="config group 'g': 6-bit float"):
-        resolve_config(config={"config_groups": {"g": group}})
+    with pytest.raises(PtqflowError, match="no grid for 6-bit float weights"):
+        observers.searched_minmax(w, s.weights, observers.search_of("memoryless_mse", None))
+    assert_same_bytes(quantize_weights([w], s)[0], reference_compress([w], s)[0])

@@ -9,7 +9,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from storage.errors import PtqflowError
-from tasks.core.quant.kinds import kind_of
 from tasks.core.quant.observers import check_observer, warn_alias
 
 # llm-compressor 0.14's model_free_ptq writes a config's kv_cache_scheme as given, with no scales
@@ -207,11 +206,7 @@ def _check_scheme(group: str, scheme) -> None:
             "needs calibration data; make them dynamic or drop them"
         )
     weights = scheme.weights
-    try:
-        kind_of(weights)
-    except PtqflowError as e:
-        raise PtqflowError(f"config group {group!r}: {e}") from None
-    check_observer(weights.observer, weights.observer_kwargs, f"config group {group!r}")
+    check_observer(weights, f"config group {group!r}")
     warn_alias(weights.observer)
     if scheme.weights.actorder is not None:
         raise PtqflowError(

@@ -2,10 +2,12 @@
 
 A `QuantKind` is the grid quantized values lie on: integers ("int", any width),
 FP8 E4M3 ("fp8") or FP4 E2M1 ("fp4"). Each kind is registered here with the
-arguments it takes and how torch puts a quotient onto its grid; the compiled
-kernels take the kinds they have a loop for (`code`), and the MSE search and
-compress's routes dispatch on the kind `kind_of` finds. Arguments of no registered
-kind (a float of another width) are refused, never searched on another kind's grid.
+arguments it takes and how torch puts a quotient onto its grid; `kind_of` is the
+one place arguments are read for it. The MSE search and the compiled kernels
+dispatch on it, and compress's shorter routes are for some kinds only; arguments
+of no registered kind (MXFP6's 6-bit floats) are quantized by compressed-tensors'
+own compressors from their min and max, and refused by the search
+(`search_kind`), never searched on another kind's grid.
 
 A new kind: a `QuantKind` subclass registered below; the kernels and compress's
 shorter routes leave it to torch and compressed-tensors until they learn it.
@@ -30,6 +32,7 @@ __all__ = [
     "fp4_values",
     "kind_of",
     "scheme_format",
+    "search_kind",
 ]
 
 
@@ -74,17 +77,25 @@ class Fp4(QuantKind):
 INT, FP8, FP4 = (QuantKind.get(name) for name in ("int", "fp8", "fp4"))
 
 
-def kind_of(args) -> QuantKind:
-    """The kind of quantizer of QuantizationArgs `args`; a PtqflowError for one ptqflow has
-    no kernel or search for."""
+def kind_of(args) -> QuantKind | None:
+    """The kind of quantizer of QuantizationArgs `args`, or None for a kind not registered."""
     for kind in QuantKind.registered():
         if kind.type == args.type and kind.bits in (None, args.num_bits):
             return kind
-    have = ", ".join(f"{k.type}{k.bits or ''}" for k in QuantKind.registered())
-    raise PtqflowError(
-        f"{args.num_bits}-bit {args.type} weights: ptqflow has no quantizer of that kind "
-        f"(it has {have})"
-    )
+    return None
+
+
+def search_kind(args) -> QuantKind:
+    """The kind of `args` for the MSE search, which has only the registered kinds' grids;
+    a PtqflowError naming the others."""
+    kind = kind_of(args)
+    if kind is None:
+        have = ", ".join(f"{k.type}{k.bits or ''}" for k in QuantKind.registered())
+        raise PtqflowError(
+            f"the MSE search has no grid for {args.num_bits}-bit {args.type} weights (it has "
+            f"{have}); use a min-max observer"
+        )
+    return kind
 
 
 # Round-to-nearest-even boundaries of |x| between the FP4 (E2M1) magnitudes

@@ -38,7 +38,7 @@ import torch
 
 from storage.errors import PtqflowError
 from tasks.core.quant.geometry import kernel_handles, scale_extent
-from tasks.core.quant.kinds import QuantKind, kind_of
+from tasks.core.quant.kinds import QuantKind, search_kind
 
 __all__ = [
     "KNOWN",
@@ -134,8 +134,10 @@ def observer_name(name: str | None) -> str:
     return (name or "memoryless_minmax").lower().replace("-", "_").replace(" ", "_")
 
 
-def check_observer(name: str | None, kwargs: dict | None, where: str) -> None:
-    """Refuse, naming `where`, an observer model-free quantization cannot run or its bad kwargs."""
+def check_observer(args, where: str) -> None:
+    """Refuse, naming `where`, an observer model-free quantization cannot run on
+    QuantizationArgs `args`, or its bad kwargs."""
+    name, kwargs = args.observer, args.observer_kwargs
     key = observer_name(name)
     if key in NEEDS_ACTIVATIONS:
         raise PtqflowError(
@@ -161,6 +163,10 @@ def check_observer(name: str | None, kwargs: dict | None, where: str) -> None:
         raise PtqflowError(f"{where}: observer_kwargs expand must be at least 1.0")
     if not search.factors:
         raise PtqflowError(f"{where}: observer_kwargs give no step (int(maxshrink * grid) is 0)")
+    try:
+        search_kind(args)
+    except PtqflowError as e:
+        raise PtqflowError(f"{where} uses observer {name!r}: {e}") from None
 
 
 def search_of(name: str | None, kwargs: dict | None) -> Search | None:
@@ -223,7 +229,7 @@ def shrunk(t: torch.Tensor, factors: list[float]) -> torch.Tensor:
 
 def errors(values: torch.Tensor, scale, zero, args, norm: float) -> torch.Tensor:
     """Error of every step (rows) and group (columns): values (groups, n), scale (steps, groups)."""
-    kind, mse_kernel = kind_of(args), _kernel_module()
+    kind, mse_kernel = search_kind(args), _kernel_module()
     if mse_kernel is not None and mse_kernel.handles(values, kind):
         return mse_kernel.errors(values, scale, zero, args, kind, norm)
     return _torch_errors(values, scale, zero, args, kind, norm)
@@ -327,7 +333,7 @@ def searched_minmax(weight: torch.Tensor, args, search: Search, parallel=map, bu
     `parallel` (the quantize worker pool); each keeps only its groups' best
     error and step, so memory stays bounded by the weight.
     """
-    kind = kind_of(args)
+    kind = search_kind(args)
     x = grouped(weight, args)
     lo = torch.amin(x, dim=(0, -1)) * search.expand
     hi = torch.amax(x, dim=(0, -1)) * search.expand
