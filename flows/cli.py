@@ -69,7 +69,7 @@ DEQUANTIZE = {"config_groups": {}}  # a config that quantizes nothing: only dequ
 def cmd_quantize(a: argparse.Namespace) -> int:
     from flows.quantize import run_quantize
     from flows.server import prefect_server
-    from storage.dest import Dest
+    from storage.dest import open_dest
     from tasks.core.devices import check_devices
     from tasks.plan import plan, planned
 
@@ -81,7 +81,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     # what the flow plans from: its plan task takes the plan made here for the checks
     request = options.plan_request(**params)
     made = plan(request)
-    Dest(params["destination"]).check(made[0].source, params["overwrite"])
+    open_dest(params["destination"]).check(made[0].source, params["overwrite"])
     imported()
     with planned(request, made), prefect_server():
         summary = run_quantize(**params)

@@ -20,7 +20,7 @@ from prefect.artifacts import create_table_artifact
 
 from flows.options import QUANTIZE, ROTATE, SOURCE_FORMATS, TASK_RUNNERS, plan_request
 from flows.shards import run_shards
-from storage.dest import Dest
+from storage.dest import open_dest
 from storage.errors import PtqflowError
 from storage.source import Folder
 from tasks.core.devices import check_devices, limit_malloc_arenas
@@ -97,7 +97,7 @@ def quantize_checkpoint(
     )
     qconfig = request.config
     plan = plan_task(request)
-    dest = Dest(destination, private=private)
+    dest = open_dest(destination, private=private)
     with dest.writing(plan.source, overwrite):
         cache = cache_dir_for(Folder(plan.source), cache_dir)
         ordered = run_shards(

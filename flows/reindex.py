@@ -13,7 +13,7 @@ from prefect import flow
 
 from flows.options import REINDEX
 from flows.shards import run_shards
-from storage.dest import Dest
+from storage.dest import open_dest
 from storage.source import Folder
 from tasks.core.records import Summary
 from tasks.core.transfer import cache_dir_for
@@ -36,7 +36,7 @@ def reindex_fused_weights(
     """Copy SOURCE to DESTINATION with every fused set (q/k/v, gate/up, ...) in one shard."""
     started = time.monotonic()
     plan = reindex_plan_task(source, revision)
-    dest = Dest(destination)
+    dest = open_dest(destination)
     with dest.writing(plan.source, overwrite):
         cache = cache_dir_for(Folder(plan.source), cache_dir)
         manifests = run_shards(

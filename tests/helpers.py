@@ -147,8 +147,8 @@ def remote_files(url: str) -> dict[str, bytes]:
 
 HOLD = """
 import sys, time
-from storage.dest import Dest
-Dest(sys.argv[1]).lease().acquire()
+from storage.dest import open_dest
+open_dest(sys.argv[1]).lease().acquire()
 print("held", flush=True)
 time.sleep(600)
 """

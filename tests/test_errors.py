@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from flows.cli import main
-from storage.dest import LEASE, MARKER, Dest
+from storage.dest import LEASE, MARKER, open_dest
 from storage.errors import PtqflowError
 from tasks.core.planner import plan_checkpoint
 from tasks.core.records import Summary
@@ -32,7 +32,7 @@ from tests.checkpoints import write_checkpoint
 
 def prepare_dest(dest, source, overwrite=False) -> Path:
     """Prepare a local DEST the way the flow does, and return its path."""
-    Dest(dest).prepare(source, overwrite)
+    open_dest(dest).prepare(source, overwrite)
     return Path(dest)
 
 
@@ -627,7 +627,7 @@ def test_a_second_writer_of_a_dest_is_refused_naming_the_first(
 def test_a_lease_whose_machine_died_is_taken_over_after_its_heartbeat_times_out(tmp_path):
     from storage.lease import TIMEOUT
 
-    lease = Dest(tmp_path / "out").lease()
+    lease = open_dest(tmp_path / "out").lease()
     lease.path.parent.mkdir(parents=True)
     other = {"owner": "x", "host": "elsewhere", "pid": 1, "since": time.time()}
     lease.path.write_text(json.dumps({**other, "heartbeat": time.time() - TIMEOUT + 5}))

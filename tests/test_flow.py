@@ -172,7 +172,7 @@ def test_memory_does_not_grow_with_shard_size(tmp_path, scheme):
     script = """
 import sys
 import torch
-from storage.dest import Dest
+from storage.dest import open_dest
 from storage.source import Folder
 from tasks.core.quant.compress import quantize_weights
 from tasks.core.shard import write_shard
@@ -185,7 +185,7 @@ def status(key):
 
 config = resolve_config(sys.argv[2], ignore=["lm_head", "model.embed_tokens"])
 plan, _ = plan_checkpoint(sys.argv[1], config)
-dest = Dest(sys.argv[1] + "-out")
+dest = open_dest(sys.argv[1] + "-out")
 dest.prepare(plan.source)
 (shard,) = plan.shards
 for scheme in config.config_groups.values():  # numba starts once per process (~80 MB)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from flows.cli import main
-from storage.dest import Dest
+from storage.dest import open_dest
 from storage.source import Folder
 from tasks.core.finalize import finalize
 from tasks.core.planner import plan_checkpoint
@@ -149,9 +149,9 @@ def test_predicted_size_is_what_gets_written(capsys, tmp_path, ckpts, arch, sche
 
     folder = Folder(plan.source)
     dest = tmp_path / "out"
-    Dest(dest).prepare(plan.source)
+    open_dest(dest).prepare(plan.source)
     manifests = [write_shard(s, folder.open, dest, config.config_groups) for s in plan.shards]
-    index = finalize(plan, folder, Dest(dest), manifests)
+    index = finalize(plan, folder, open_dest(dest), manifests)
 
     assert sorted(p.name for p in dest.glob("*.safetensors")) == sorted(s.name for s in plan.shards)
     total = 0

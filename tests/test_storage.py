@@ -208,12 +208,12 @@ def test_upload_records_the_hash_a_resume_checks(tmp_path):
     """The shard's digest is taken in the upload stage; a resume trusts it when the stamp moved.
 
     A local DEST records xxh3_128 (only a resume reads it); sha256 is kept for remote ones."""
-    from storage.dest import Dest
+    from storage.dest import open_dest
     from tasks.core.keys import still_valid
     from tasks.core.records import Manifest
     from tasks.core.transfer import upload
 
-    dest = Dest(tmp_path / "out")
+    dest = open_dest(tmp_path / "out")
     dest.staging.mkdir(parents=True)
     data = random.Random(4).randbytes(3 * direct.BLOCK + 5)
     shard = dest.staging / "model.safetensors"
@@ -225,3 +225,24 @@ def test_upload_records_the_hash_a_resume_checks(tmp_path):
     shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     os.utime(shard, ns=(2, 2))
     assert not still_valid(manifest, dest)
+
+
+def test_each_kind_of_destination_is_one_class_and_travels_without_its_lease(tmp_path):
+    """open_dest picks the kind a URL names; a Dest pickled to a Dask worker stays that
+    kind and leaves its lease with the run that holds it."""
+    import pickle
+
+    from storage.dest import Dest, HubDest, LocalDest, open_dest
+
+    local = open_dest(tmp_path / "out")
+    remote = open_dest("memory://bucket/out", staging=tmp_path / "staging")
+    hub = open_dest("hf://me/model", private=True)
+    assert type(local) is LocalDest and local.staging == tmp_path / "out"
+    assert local.digest_algorithm == "xxh3_128" and remote.digest_algorithm == "sha256"
+    assert type(remote) is Dest and remote.staging == tmp_path / "staging"
+    assert type(hub) is HubDest and hub.private
+    for dest in (local, remote, hub):
+        dest.lease()
+        again = pickle.loads(pickle.dumps(dest))
+        assert type(again) is type(dest) and again.url == dest.url
+        assert again.staging == dest.staging and again._lease is None

@@ -12,7 +12,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from storage.dest import Dest
+from storage.dest import open_dest
 from storage.source import Folder
 from tasks.core.finalize import finalize
 from tasks.core.planner import plan_checkpoint
@@ -41,7 +41,7 @@ def quantize(
     """
     started = time.monotonic()
     plan, _ = plan_checkpoint(str(source), config, **plan_options)
-    dest = Dest(str(destination))
+    dest = open_dest(str(destination))
     with dest.writing(plan.source, overwrite):
         folder = Folder(plan.source)
         cache = cache_dir_for(folder, cache_dir)
