@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def imported() -> None:
+def freeze_and_resume_gc() -> None:
     """Called by each long-running command before its work: `main` starts it without the
     cyclic garbage collector, so imports and checks run without its sweeps over the millions
     of objects that torch, transformers and Prefect create (0.65 s of compressed-tensors' 4.3 s
@@ -53,7 +53,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from flows.reindex import reindex_fused_weights
     from flows.verify import verify_checkpoint
 
-    imported()
+    freeze_and_resume_gc()
     serve(
         quantize_checkpoint.to_deployment(name="quantize", tags=["ptqflow"]),
         reindex_fused_weights.to_deployment(name="reindex", tags=["ptqflow"]),
@@ -82,7 +82,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     request = options.plan_request(**params)
     made = plan(request)
     open_dest(params["destination"]).check(made[0].source, params["overwrite"])
-    imported()
+    freeze_and_resume_gc()
     with planned(request, made), prefect_server():
         summary = run_quantize(**params)
     print_summary(summary)
@@ -154,7 +154,7 @@ def cmd_reindex(a: argparse.Namespace) -> int:
     from flows.reindex import reindex_fused_weights
     from flows.server import prefect_server
 
-    imported()
+    freeze_and_resume_gc()
     with prefect_server():
         summary = reindex_fused_weights(**options.REINDEX.values(a))
     print(f"wrote {len(summary.shards)} shard(s) to {summary.destination}")
@@ -171,7 +171,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
     # What makes verification impossible (no SOURCE, no quantization_config) before Prefect.
     check_devices(a.device)
     check_integrity(open_source(a.source, a.revision), open_quantized(a.quantized))
-    imported()
+    freeze_and_resume_gc()
     with prefect_server():
         result = run_verify(**options.VERIFY.values(a))
     c = result.counts
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if args.debug:
         os.environ["PTQFLOW_DEBUG"] = "1"
-    gc.disable()  # until the command's work starts: see `imported`
+    gc.disable()  # until the command's work starts: see `freeze_and_resume_gc`
     try:
         return COMMANDS[args.command](args)
     except PtqflowError as e:

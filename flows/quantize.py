@@ -207,6 +207,19 @@ def model_free_ptq(
     (FP8BlockDequantizer, ...), or a list of them, names the source's format, and its
     settings (weight_block_size, AWQ's bits and group size) replace config.json's.
     `rotate="hadamard"` (ptqflow's own) rotates the residual stream first, as --rotate.
+
+    Example, a DeepSeek-V3 FP8 checkpoint from the Hub to NVFP4 weights, on two GPUs:
+
+        from flows import model_free_ptq
+
+        summary = model_free_ptq(
+            "deepseek-ai/DeepSeek-V3",
+            "hf://me/DeepSeek-V3-NVFP4A16",
+            scheme="NVFP4A16",
+            ignore=["lm_head", "re:.*mlp.gate$", "model.embed_tokens"],
+            device=["cuda:0", "cuda:1"],
+        )
+        print(summary.quantized, "shards quantized,", summary.cached, "cached")
     """
     source_format, source_settings = "auto", None
     if converter is not None:

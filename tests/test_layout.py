@@ -124,6 +124,20 @@ def test_the_cycle_check_finds_cycles():
     assert "tasks.core.planner" in module_graph()["tasks.plan"]
 
 
+def test_core_modules_name_their_public_names():
+    """Every module of the core declares `__all__`, and each name in it is the module's."""
+    import importlib
+
+    for path in sorted((ROOT / "tasks" / "core").rglob("*.py")):
+        if path.name == "__init__.py" and path.parent.name != "verify":
+            continue
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        module = importlib.import_module(name)
+        assert module.__all__, name
+        assert [n for n in module.__all__ if not hasattr(module, n)] == [], name
+
+
 MUTATORS = ("update", "pop", "clear", "setdefault", "append", "extend", "add", "remove")
 
 

@@ -15,6 +15,17 @@ from storage.source import Folder
 from tasks.core.records import Read, Weight
 from tasks.core.select import split_experts
 
+__all__ = [
+    "OTHER_WEIGHT_SUFFIXES",
+    "Source",
+    "check_index",
+    "load_source",
+    "other_files",
+    "read_headers",
+    "source_weights",
+    "weight_files",
+]
+
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".safetensors")
 
 

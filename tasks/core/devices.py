@@ -14,6 +14,15 @@ from pathlib import Path
 
 from storage.errors import PtqflowError
 
+__all__ = [
+    "ARENAS",
+    "CGROUP",
+    "M_ARENA_MAX",
+    "check_devices",
+    "limit_malloc_arenas",
+    "usable_cpus",
+]
+
 CGROUP = Path("/sys/fs/cgroup")
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 ARENAS = 2

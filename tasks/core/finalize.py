@@ -11,6 +11,10 @@ from storage.names import CONFIG, INDEX, PARTIAL
 from storage.source import Folder
 from tasks.core.records import Manifest, Plan
 
+__all__ = [
+    "finalize",
+]
+
 
 def _read(source: Folder, rel: str) -> bytes:
     with source.open(rel) as f:

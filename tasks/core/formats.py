@@ -35,7 +35,7 @@ __all__ = [
     "source_formats",
 ]
 
-EVERY = ("re:.*",)  # converters target every module: the tensors present say what is quantized
+_EVERY = ("re:.*",)  # converters target every module: the tensors present say what is quantized
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class Fp8Block(Format):
         }
         keep = QuantizationConfig(config_groups={"group_0": group})
         return Converters(
-            [FP8BlockDequantizer(targets=EVERY, weight_block_size=block)],
+            [FP8BlockDequantizer(targets=_EVERY, weight_block_size=block)],
             [Fp8BlockToCompressed()],
             keep.model_dump(),
         )
@@ -213,7 +213,7 @@ class ModelOptNvfp4(Format):
     def converters(self, config: dict) -> Converters:
         from compressed_tensors.entrypoints.convert.converters import ModelOptNvfp4Converter
 
-        to_ct = ModelOptNvfp4Converter(targets=EVERY)
+        to_ct = ModelOptNvfp4Converter(targets=_EVERY)
         keep = to_ct.update_config(None).model_dump()
         return Converters([to_ct, _ct_dequantizer(keep)], [to_ct], keep)
 

@@ -17,6 +17,12 @@ from importlib.metadata import PackageNotFoundError, version
 from storage.dest import Dest
 from tasks.core.records import Manifest, Plan, ShardPlan
 
+__all__ = [
+    "ptqflow_version",
+    "shard_key",
+    "still_valid",
+]
+
 
 def ptqflow_version() -> str:
     try:

@@ -20,6 +20,10 @@ from tasks.core.records import Summary
 from tasks.core.shard import write_shard
 from tasks.core.transfer import cache_dir_for, download, upload
 
+__all__ = [
+    "quantize",
+]
+
 
 def quantize(
     source: str | os.PathLike,
@@ -38,6 +42,15 @@ def quantize(
     `plan_options` are plan_checkpoint's. Up to `max_workers` shards are
     quantized at once, and each shard's upload (its hash) runs beside the next
     shards' quantization, as in the flow.
+
+    Example, W4A16 with an MSE observer after a Hadamard rotation:
+
+        from tasks.core.pipeline import quantize
+        from tasks.core.schemes import resolve_config
+
+        config = resolve_config("W4A16", ignore=["lm_head"], observer="memoryless_mse")
+        summary = quantize("./Llama-3-8B", "./Llama-3-8B-W4A16", config, rotate="hadamard")
+        print(summary.total_size, "bytes in", summary.destination)
     """
     started = time.monotonic()
     plan, _ = plan_checkpoint(str(source), config, **plan_options)

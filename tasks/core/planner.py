@@ -1,6 +1,6 @@
 """Plan a run from headers only, and materialise the fused-set reindexing.
 
-No Prefect here (tasks/reindex.py wraps this as the stage's task), so
+No Prefect here (tasks/plan.py wraps this as the stage's tasks), so
 `ptqflow plan` does not pay for importing it.
 `plan_checkpoint` is the reindex-fused-weights planning stage: it reads every
 shard's header, validates the checkpoint, decides what each tensor becomes and
@@ -33,6 +33,13 @@ from tasks.core.select import (
     named_by,
     tied_modules,
 )
+
+__all__ = [
+    "LARGE",
+    "Report",
+    "plan_checkpoint",
+    "reindex_plan",
+]
 
 LARGE = 1 << 20  # unquantized 2-D tensors with at least this many elements are called out
 

@@ -11,6 +11,16 @@ from pathlib import Path
 from storage.errors import PtqflowError
 from tasks.core.quant.observers import check_observer, warn_alias
 
+__all__ = [
+    "KV_CACHE_WARNING",
+    "ROTATE",
+    "chosen_rotation",
+    "data_free_presets",
+    "load_config_file",
+    "read_config_file",
+    "resolve_config",
+]
+
 # llm-compressor 0.14's model_free_ptq writes a config's kv_cache_scheme as given, with no scales
 KV_CACHE_WARNING = (
     "kv_cache_scheme is written to the config without k_scale/v_scale tensors: model-free "

@@ -11,6 +11,21 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 
+__all__ = [
+    "EMBEDDING_LEAVES",
+    "EXPERT_SPLITS",
+    "FUSED_LEAVES",
+    "MTP_UNQUANTIZED",
+    "assign_groups",
+    "fused_sets",
+    "ignore_pattern",
+    "is_router",
+    "mtp_modules",
+    "named_by",
+    "split_experts",
+    "tied_modules",
+]
+
 # Sibling layers that vLLM fuses into one layer and that must therefore share
 # one NVFP4 global scale. Matching on siblings of one parent module covers the
 # dense MLP, every routed expert (`experts.N`) and shared experts alike.

@@ -24,6 +24,14 @@ from tasks.core.quant.compress import Tensors, quantize_weights
 from tasks.core.records import Manifest, Read, ShardPlan, Unit
 from tasks.core.rotate import rotate
 
+__all__ = [
+    "claim_path",
+    "claimed",
+    "read_unit",
+    "unit_outputs",
+    "write_shard",
+]
+
 
 def read_unit(
     unit: Unit, files: dict[str, BinaryIO], codec: Codec | None, device: str | torch.device

@@ -10,6 +10,12 @@ from storage.dest import Dest, default_state_dir
 from storage.source import Folder
 from tasks.core.records import Manifest
 
+__all__ = [
+    "cache_dir_for",
+    "download",
+    "upload",
+]
+
 
 def cache_dir_for(source: Folder, cache_dir: str | None) -> str | None:
     """Where remote shards go: `cache_dir`, else the HF cache for the Hub, else PREFECT_HOME."""

@@ -41,14 +41,24 @@ from tasks.core.quant.geometry import kernel_handles, scale_extent
 from tasks.core.quant.kinds import QuantKind, search_kind
 
 __all__ = [
+    "ALIASES",
+    "FOUROVERSIX_WARNING",
     "KNOWN",
+    "MINMAX",
+    "NEEDS_ACTIVATIONS",
     "SEARCHES",
     "Search",
     "advance",
+    "candidates",
     "check_observer",
+    "errors",
+    "grouped",
     "observe",
+    "observer_name",
+    "search_args",
     "search_of",
     "searched_minmax",
+    "shrunk",
     "warn_alias",
 ]
 

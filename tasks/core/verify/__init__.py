@@ -78,6 +78,16 @@ def verify(
 
     Raises PtqflowError only when nothing can be checked (no SOURCE, no valid
     quantization_config); every other finding is in the Verification.
+
+    Example:
+
+        from pathlib import Path
+
+        from tasks.core.verify import verify, write_report
+
+        v = verify("./Llama-3-8B", "./Llama-3-8B-W4A16", max_workers=4)
+        paths = write_report(v, Path("./verify-report"))
+        print("passed" if v.ok else "\n".join(v.failures()), paths["markdown"])
     """
     src = open_source(source, revision)
     out = open_quantized(quantized)

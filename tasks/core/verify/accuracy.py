@@ -12,6 +12,12 @@ from tasks.core.quant.kinds import scheme_format
 from tasks.core.quant.observers import observe
 from tasks.core.verify.records import ZERO_BLOCK_FLOOR
 
+__all__ = [
+    "check_accuracy",
+    "dequantized",
+    "error_limit",
+]
+
 
 def dequantized(stored: Tensors, scheme, shape) -> torch.Tensor:
     """The weight compressed-tensors decompresses from `stored` (local names), of `shape`."""

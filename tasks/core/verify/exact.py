@@ -19,6 +19,11 @@ from tasks.core.shard import read_unit
 from tasks.core.verify.accuracy import check_accuracy
 from tasks.core.verify.records import Integrity
 
+__all__ = [
+    "check_exactness",
+    "check_shard",
+]
+
 
 def check_exactness(expected: Tensors, stored: Tensors) -> list[str]:
     """Every stored tensor whose bytes differ from `expected`, with its first differing element.

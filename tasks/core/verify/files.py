@@ -7,6 +7,10 @@ from pathlib import Path
 
 from storage.source import Folder
 
+__all__ = [
+    "LocalFiles",
+]
+
 
 class LocalFiles:
     """Local paths of SOURCE and QUANTIZED files, each downloaded once (remote ones into

@@ -26,6 +26,12 @@ from tasks.core.verify.accuracy import error_limit
 from tasks.core.verify.layout import check_vllm_layout
 from tasks.core.verify.records import Integrity, TensorResult, Verification
 
+__all__ = [
+    "check_integrity",
+    "open_quantized",
+    "read_quantization_config",
+]
+
 
 def open_quantized(spec: str) -> Folder:
     """QUANTIZED as a Folder: a local path, a Hub repo id or any fsspec URL."""

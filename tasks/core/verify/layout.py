@@ -9,6 +9,12 @@ from tasks.core.quant.kinds import scheme_format
 from tasks.core.records import Read
 from tasks.core.verify.records import TensorResult
 
+__all__ = [
+    "FLOAT_SCALES",
+    "check_vllm_layout",
+    "vllm_layout",
+]
+
 FLOAT_SCALES = ("F32", "F16", "BF16")  # vLLM copies these into its own float scale parameter
 
 

@@ -9,6 +9,11 @@ from storage.errors import PtqflowError
 from storage.source import Folder
 from tasks.core.verify.records import MIN_LOGITS_COSINE
 
+__all__ = [
+    "compare_logits",
+    "model_files",
+]
+
 
 def compare_logits(source_dir: str, quantized_dir: str, min_bits: int) -> tuple[dict, list[str]]:
     """Load both with transformers, run both on fixed token ids; returns figures and problems.

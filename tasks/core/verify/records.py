@@ -7,6 +7,15 @@ from dataclasses import dataclass, field
 
 from tasks.core.records import Plan, Read
 
+__all__ = [
+    "MIN_LOGITS_COSINE",
+    "ZERO_BLOCK_FLOOR",
+    "Integrity",
+    "TensorResult",
+    "Verification",
+    "VerifyResult",
+]
+
 # A scale block that dequantizes to all zeros is flagged only when its source
 # absmax is above this fraction of the tensor's: NVFP4's fp8 block scales
 # underflow to zero, legitimately, below about 2e-6 of it.

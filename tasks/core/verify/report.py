@@ -12,6 +12,17 @@ from pathlib import Path
 from storage.source import Folder
 from tasks.core.verify.records import TensorResult, Verification, VerifyResult
 
+__all__ = [
+    "LAYER",
+    "default_report_dir",
+    "failure_message",
+    "plot_errors",
+    "render_markdown",
+    "summary",
+    "worst_rows",
+    "write_report",
+]
+
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
