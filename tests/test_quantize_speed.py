@@ -1,4 +1,5 @@
-"""The fast paths of tasks/compress.py give compressed-tensors' bytes: row chunks, stage timers."""
+"""The fast paths of tasks/core/quant/ give compressed-tensors' bytes: row chunks, shorter routes,
+stage timers."""
 
 from __future__ import annotations
 
@@ -174,7 +175,7 @@ def test_fp8_route_on_every_quotient(dtype, scale):
     """The short FP8 route equals compressed-tensors' quantize for every finite quotient."""
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
-    from tasks.core.quant.compress import _fp8_weight
+    from tasks.core.quant.routes import _fp8_weight
 
     x = every_finite(dtype)
     args = scheme_of("FP8_DYNAMIC").weights
@@ -190,7 +191,7 @@ def test_int4_route_on_every_quotient(dtype, scale):
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
-    from tasks.core.quant.compress import _int4_packed
+    from tasks.core.quant.routes import _int4_packed
 
     x = every_finite(dtype)
     args = scheme_of("W4A16").weights
@@ -246,7 +247,7 @@ def test_fp4_route_on_quotients_around_every_boundary():
     """The short NVFP4 route equals quantize_and_pack_fp4 on boundaries, ±0 and all bf16 values."""
     from compressed_tensors.compressors.nvfp4.helpers import quantize_and_pack_fp4
 
-    from tasks.core.quant.compress import _fp4_packed
+    from tasks.core.quant.routes import _fp4_packed
 
     x = fp4_quotients()
     args = scheme_of("NVFP4A16").weights
@@ -263,7 +264,7 @@ def test_fp4_kernel_on_every_bfloat16_value(scale, gscale):
     finite bfloat16 value, boundaries included (x / 1 and x / 6 hit every one)."""
     from compressed_tensors.compressors.nvfp4.helpers import quantize_and_pack_fp4
 
-    from tasks.core.quant.compress import _fp4_packed, _kernel_codes
+    from tasks.core.quant.routes import _fp4_packed, _kernel_codes
 
     x = every_finite(torch.bfloat16)
     args = scheme_of("NVFP4A16").weights
@@ -334,7 +335,7 @@ def test_the_kernel_finds_torchs_min_and_max(name):
 
 def test_the_kernel_takes_bfloat16_routes():
     """The every-quotient tests above exercise code_kernel for bfloat16, torch for float16."""
-    from tasks.core.quant.compress import _kernel_codes
+    from tasks.core.quant.routes import _kernel_codes
 
     x = every_finite(torch.bfloat16)
     s = torch.full((x.shape[0], 1), 1 / 3, dtype=x.dtype)

@@ -8,5 +8,6 @@ those above it in this list:
 * `bits`: float32 and bfloat16 bits inside compiled loops;
 * `mse_kernel`, `code_kernel`: numba loops of the MSE search, and of codes and min-max;
 * `observers`: min-max, and the MSE search with its stop rule;
+* `routes`: one chunk's compressed state dict, by shorter routes to compressed-tensors' bytes;
 * `compress`: quantize and compress whole weights, in row chunks on every core.
 """

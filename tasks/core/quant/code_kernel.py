@@ -113,7 +113,7 @@ def _divide(x, d, out):
 
 @numba.njit(inline="always")
 def _fp4(x, d, out):
-    """compress._fp4_packed's codes: the float32 quotient x / d (not rounded), clamped to
+    """routes._fp4_packed's codes: the float32 quotient x / d (not rounded), clamped to
     +-6, coded by the FP4 boundaries below its magnitude, plus 8 for a negative one."""
     for c in range(len(x)):
         q = float_of(np.uint32(x[c]) << np.uint32(16)) / d
