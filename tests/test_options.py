@@ -114,6 +114,7 @@ print(json.dumps([
 """
 
 
+@pytest.mark.slow
 def test_a_registered_source_format_reaches_the_cli_and_detection():
     """formats.py is the one place a source format goes: registered there, it is a CLI
     choice, and config.json's quant_method finds it (model_free_ptq's converters: below)."""
