@@ -12,8 +12,8 @@ speculative decoding builds (`--speculative-config '{"method": "mtp"}'`):
   name, or a weight loader's shape check), each with the error;
 - `unwritten`: parameters no tensor wrote (they keep a sentinel filled in
   before loading), except those vLLM itself lets a checkpoint leave out:
-  KV-cache scales, empty placeholders, and activation scales of weight-only
-  (A16) schemes;
+  KV-cache scales, empty placeholders, activation scales of weight-only
+  (A16) schemes, and the experts' weight_shape, which vLLM never reads;
 - `error`: what stopped the model from being built, if anything.
 
 It also reports `config`: whether this environment's compressed-tensors (the
@@ -43,6 +43,9 @@ import torch  # noqa: E402
 SENTINEL_BYTE = 0xA5
 # activation scales a weight-only (A16) method registers and vLLM does not require
 ACTIVATION_SCALES = ("input_scale", "input_global_scale", "input_zero_point")
+# what vLLM's MoE methods register and never read (no use but loading, vLLM 0.33), and
+# gpt-oss's loader cannot load: a checkpoint may leave them out
+UNREAD = ("w13_weight_shape", "w2_weight_shape")
 MTP_KEYS = ("num_nextn_predict_layers", "mtp_num_hidden_layers", "num_mtp_layers")
 
 
@@ -159,6 +162,8 @@ def _unwritten(model: torch.nn.Module, weight_only: bool) -> list[str]:
             continue
         for name, p in module.named_parameters(recurse=False):
             if p.numel() == 0 or (weight_only and name.endswith(ACTIVATION_SCALES)):
+                continue
+            if name in UNREAD:
                 continue
             if p.dtype.is_floating_point and p.element_size() > 1:
                 untouched = bool(torch.isnan(p).all())
@@ -287,10 +292,11 @@ def _then_gpu(priority, platform):
     def backends(*args, **kwargs):
         cpu = priority(*args, **kwargs)
         platform.is_cpu = lambda: False
+        platform.is_cuda = platform.is_cuda_alike = lambda: True
         try:
             return list(dict.fromkeys([*cpu, *priority(*args, **kwargs)]))
         finally:
-            del platform.is_cpu
+            del platform.is_cpu, platform.is_cuda, platform.is_cuda_alike
 
     return backends
 

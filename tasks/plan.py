@@ -10,8 +10,8 @@ from prefect.cache_policies import NO_CACHE
 
 from storage.source import open_source
 from tasks.core.checkpoint import load_source
-from tasks.core.planner import Report, plan_checkpoint, reindex_plan
-from tasks.core.records import Plan, PlanRequest
+from tasks.core.planner import plan_checkpoint, reindex_plan
+from tasks.core.records import Plan, PlanRequest, Report
 
 # Plans made a moment before the flow started, by their requests' keys (see `planned`):
 # taken by the plan task instead of reading every header again.

@@ -83,7 +83,7 @@ def test_include_other_weights_and_tied_embeddings(tmp_path, prefect_server):
 @pytest.mark.slow
 def test_reindex_fused_weights(tmp_path, prefect_server):
     from flows.reindex import reindex_fused_weights
-    from tasks.core.select import fused_sets
+    from tasks.core.loaders import fused_sets
 
     src = build_checkpoint(tmp_path / "src", "deepseek_v3", shards=3)
     source_index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]

@@ -171,7 +171,12 @@ def test_suggestions_llama(capsys, ckpts):
     rc, report = run_plan(capsys, ckpts["llama"], "FP8_DYNAMIC", as_json=True)
     assert rc == 0
     assert sorted(report["suggested_ignore"]) == ["lm_head", "model.embed_tokens"]
-    assert report["callouts"] == []
+    # each says vLLM would refuse it quantized, with the ignore that keeps it
+    assert sorted(report["callouts"]) == [
+        f"{m} will be quantized, but vLLM builds it unquantized (an LM head or embedding) and "
+        f"would refuse the checkpoint; pass --ignore '{m}'"
+        for m in ("lm_head", "model.embed_tokens")
+    ]
 
 
 def test_suggestions_qwen3_moe_router(capsys, ckpts):

@@ -12,8 +12,8 @@ from storage.errors import PtqflowError
 from storage.names import CONFIG, INDEX
 from storage.safetensors import Header, read_header
 from storage.source import Folder
+from tasks.core.layouts import split
 from tasks.core.records import Read, Weight
-from tasks.core.select import split_experts
 
 __all__ = [
     "OTHER_WEIGHT_SUFFIXES",
@@ -131,32 +131,28 @@ def load_source(folder: Folder) -> Source:
     return Source(folder, files, model_config, shards, headers)
 
 
-def source_weights(headers: dict[str, Header], split: bool = True) -> dict[str, list[Weight]]:
-    """Per source file, its output weights in file order (3-D experts split if `split`)."""
+def source_weights(
+    headers: dict[str, Header], model_config: dict | None = None
+) -> dict[str, list[Weight]]:
+    """Per source file, its output weights in file order; with `model_config`, each 3-D
+    tensor of fused experts of a known layout cut into one weight per expert and projection
+    (tasks/core/layouts.py)."""
     out: dict[str, list[Weight]] = {}
     for file, header in headers.items():
         weights = []
         for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].start):
             base = header.data_start + info.start
-            try:
-                parts = split_experts(name, info.shape) if split else None
-            except ValueError as e:
-                raise PtqflowError(f"{file}: {e}") from None
-            if parts is None:
-                weights.append(
-                    Weight(name, Read(file, name, base, base + info.nbytes, info.dtype, info.shape))
-                )
+            cuts = split(model_config, name, info.shape) if model_config is not None else None
+            if cuts is None:
+                read = Read(file, name, base, base + info.nbytes, info.dtype, info.shape)
+                weights.append(Weight(name, read))
                 continue
             row_bytes = info.nbytes // (info.shape[0] * info.shape[1])
-            for out_name, r0, r1 in parts:
-                read = Read(
-                    file,
-                    name,
-                    base + r0 * row_bytes,
-                    base + r1 * row_bytes,
-                    info.dtype,
-                    (r1 - r0, info.shape[2]),
-                )
-                weights.append(Weight(out_name, read))
+            cols = info.shape[2]
+            for c in cuts:
+                start, stop = base + c.start * row_bytes, base + c.stop * row_bytes
+                read = Read(file, name, start, stop, info.dtype, (c.stop - c.start, cols))
+                skip = c.layout.skip if c.out else ()
+                weights.append(Weight(c.name, read, view=c.view, out=c.out, skip=skip))
         out[file] = weights
     return out

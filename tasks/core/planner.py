@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from storage.errors import PtqflowError
 from storage.safetensors import FLOAT_DTYPES, TensorSpec
@@ -20,40 +20,17 @@ from storage.source import Folder, open_source
 from tasks.core.checkpoint import Source, load_source, other_files, source_weights
 from tasks.core.codecs import Codec, decode_weights, detect_format, meta
 from tasks.core.formats import side_files
-from tasks.core.records import Plan, ShardPlan, Unit
+from tasks.core.loadable import check, fix, ignore_entries, restrict, suggest, whole
+from tasks.core.loaders import fused_sets
+from tasks.core.records import Plan, Report, ShardPlan, Unit
 from tasks.core.rotate import plan_rotation
 from tasks.core.schemes import KV_CACHE_WARNING
-from tasks.core.select import (
-    EMBEDDING_LEAVES,
-    assign_groups,
-    fused_sets,
-    ignore_pattern,
-    is_router,
-    mtp_modules,
-    named_by,
-    tied_modules,
-)
+from tasks.core.select import assign_groups, mtp_modules, named_by, tied_modules
 
 __all__ = [
-    "LARGE",
-    "Report",
     "plan_checkpoint",
     "reindex_plan",
 ]
-
-LARGE = 1 << 20  # unquantized 2-D tensors with at least this many elements are called out
-
-
-@dataclass
-class Report:
-    """What a plan found, for `ptqflow plan` and for errors."""
-
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    fixes: list[str] = field(default_factory=list)  # ignore patterns that skip the problems
-    suggestions: list[str] = field(default_factory=list)  # layers usually left unquantized
-    callouts: list[str] = field(default_factory=list)
-    source_format: str = "plain"  # how the source stores its weights
 
 
 def plan_checkpoint(
@@ -92,7 +69,7 @@ def plan_checkpoint(
     rotate = None if rotate == "none" else rotate
     if fmt is None and not config.config_groups and not rotate:
         raise PtqflowError(f"{folder.url} is not quantized: there is nothing to dequantize")
-    per_file = source_weights(src.headers, split=fmt is None)
+    per_file = source_weights(src.headers, model_config if fmt is None else None)
     codec, dropped = None, []
     if fmt is not None:
         codec = Codec(fmt)
@@ -154,6 +131,7 @@ def plan_checkpoint(
         ", as vLLM's MTP drafter builds them (eh_proj a plain Linear, shared_head.head an LM "
         "head, embed_tokens an embedding); a config target naming them quantizes them",
     )
+    restrict(model_config, weights, groups, config.config_groups, report)
     for name in list(groups):
         w = weights[name]
         if len(w.shape) != 2:
@@ -162,6 +140,9 @@ def plan_checkpoint(
             report.problems.append(
                 f"{name} is {w.dtype}, not a float weight; ignore it or fix the source"
             )
+    per_file = whole(src.headers, per_file, groups)
+    weights = {w.name: w for ws in per_file.values() for w in ws}
+    check(model_config, weights, groups, config, report)
     kept = {}
     if keep_source_quantization and codec is not None:
         kept = {
@@ -184,7 +165,7 @@ def plan_checkpoint(
     schemes = config.config_groups
     _check_fused(weights, groups, schemes, report)
     specs_by_weight = _plan_outputs(weights, groups, schemes, report, codec)
-    _suggest(weights, groups, targeted, report)
+    suggest(model_config, weights, groups, targeted, report)
     if strict and report.problems:
         raise PtqflowError(
             "cannot quantize as asked:\n  "
@@ -224,8 +205,14 @@ def plan_checkpoint(
         other = [f for f in other if f not in side_files()]
     fingerprints = {f: folder.fingerprint(f) for f in shards}
     done = groups.keys() | kept.keys()
-    ignored = [n for n in targeted if n not in done and len(weights[n].shape) == 2]
-    out_config = _config_dict(config, kept, ignored, codec) if config.config_groups else None
+    ignored = [n for n in targeted if n in weights and n not in done and len(weights[n].shape) == 2]
+    extra = ignore_entries(model_config, weights, groups, [n.rpartition(".")[0] for n in ignored])
+    if extra and config.config_groups:
+        report.callouts.append(
+            "the ignore list written to config.json also names what stays unquantized as "
+            f"vLLM and transformers look it up: {', '.join(extra)}"
+        )
+    out_config = _config_dict(config, kept, ignored, codec, extra) if config.config_groups else None
     plan = Plan(folder.url, out_config, plan_shards, other, fingerprints, fmt, rotation)
     return plan, report
 
@@ -291,44 +278,12 @@ def _plan_outputs(weights, groups, schemes, report: Report, codec) -> dict[str, 
             report.problems.append(f"{name} {list(w.shape)} cannot be {group}: {result}")
             out[name] = []
             continue
-        module = name.rpartition(".")[0]
-        out[name] = [TensorSpec(f"{module}.{k}", dtype, shape) for k, dtype, shape in result]
+        out[name] = [
+            TensorSpec(w.output(k), dtype, shape) for k, dtype, shape in result if k not in w.skip
+        ]
     if bad:
-        modules = {n.rpartition(".")[0] for n in bad}
-        for members in fused_sets(w.rpartition(".")[0] for w in weights):
-            if modules & set(members):
-                modules |= set(members)
-        report.fixes += sorted({ignore_pattern(m) for m in modules})
+        fix(report, weights, {n.rpartition(".")[0] for n in bad})
     return out
-
-
-def _suggest(weights, groups, targeted, report: Report) -> None:
-    """Ignore patterns for layers usually left unquantized, and large tensors kept as they are."""
-    for name in groups:
-        module = name.rpartition(".")[0]
-        leaf = module.rpartition(".")[2]
-        if leaf in EMBEDDING_LEAVES or leaf == "lm_head":
-            pattern = module
-        elif is_router(module, weights[name].shape):
-            pattern = ignore_pattern(module)
-        else:
-            continue
-        if pattern not in report.suggestions:
-            report.suggestions.append(pattern)
-    for name, w in weights.items():
-        shape = w.shape
-        n = 1
-        for d in shape:
-            n *= d
-        if name in groups or len(shape) < 2 or (len(shape) == 2 and n < LARGE):
-            continue
-        if len(shape) > 2:
-            why = f"is {len(shape)}-D, only 2-D linear weights are quantized"
-        elif name in targeted:
-            why = "is ignored"
-        else:
-            why = "is not targeted"
-        report.callouts.append(f"{name} {list(shape)} stays {w.dtype}: it {why}")
 
 
 def _count(units: list[Unit], targeted: dict, weights: dict) -> dict[str, int]:
@@ -344,12 +299,13 @@ def _count(units: list[Unit], targeted: dict, weights: dict) -> dict[str, int]:
     return counts
 
 
-def _config_dict(config, kept=(), ignored=(), codec=None) -> dict:
+def _config_dict(config, kept=(), ignored=(), codec=None, extra=()) -> dict:
     """The quantization_config as compressed-tensors writes it into config.json.
 
     Modules in `kept` stay quantized as the source had them: each source group
     targets them by name, and the ignore list becomes the modules in `ignored`,
-    so no pattern of the user's ignores a kept module.
+    so no pattern of the user's ignores a kept module. `extra` entries follow:
+    the other names loaders know ignored modules by (tasks/core/loadable.py).
     """
     from compressed_tensors import __version__
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
@@ -372,6 +328,7 @@ def _config_dict(config, kept=(), ignored=(), codec=None) -> dict:
                 scheme.format = scheme.format or scheme_format(scheme)
                 groups[f"source_{g}"] = scheme
         ignore = sorted(n.rpartition(".")[0] for n in ignored)
+    ignore += [e for e in extra if e not in ignore]
     formats = {s.format for s in groups.values()}
     final = QuantizationConfig(
         config_groups=groups,
@@ -385,7 +342,7 @@ def _config_dict(config, kept=(), ignored=(), codec=None) -> dict:
 
 def reindex_plan(src: Source) -> Plan:
     """A copy-only plan that moves every member of a fused set into its first member's shard."""
-    per_file = source_weights(src.headers, split=False)
+    per_file = source_weights(src.headers)
     weights = {w.name: (file, w) for file, ws in per_file.items() for w in ws}
     home: dict[str, str] = {}
     for members in fused_sets(n.rpartition(".")[0] for n in weights):

@@ -21,12 +21,14 @@ __all__ = [
     "Plan",
     "PlanRequest",
     "Read",
+    "Report",
     "ResidualRotation",
     "Rotation",
     "ShardPlan",
     "SourceFormat",
     "Summary",
     "Unit",
+    "View",
     "Weight",
 ]
 
@@ -72,6 +74,16 @@ class Read:
     stop: int
     dtype: str
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class View:
+    """A weight cut from the matrix its Read holds: columns `start:stop`, transposed when
+    the source stores inputs first (tasks/core/layouts.py)."""
+
+    start: int
+    stop: int
+    transpose: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,9 @@ class Weight:
     the tensors it is decoded with (`deps`: scales, shapes). `decoded` is its
     dtype and shape once dequantized; None keeps it in the source's format.
     A rotated weight (`rotation`) reads the norm folded into it too (`norm`).
+    One expert cut from a 3-D tensor is `view` of what `read` holds; its compressed
+    tensors are named `out` + key where its loader names them so (gpt-oss's
+    `experts.N.w13_weight_packed`), less the keys in `skip` it cannot load.
     """
 
     name: str
@@ -129,10 +144,17 @@ class Weight:
     decoded: tuple[str, tuple[int, ...]] | None = None
     rotation: Rotation | None = None
     norm: Read | None = None
+    view: View | None = None
+    out: str | None = None
+    skip: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
         return self.name.rpartition(".")[0]
+
+    def output(self, key: str) -> str:
+        """The output name of one of its compressed tensors (`weight_packed`, ...)."""
+        return f"{self.out}{key}" if self.out else f"{self.module}.{key}"
 
     @property
     def reads(self) -> tuple[Read, ...]:
@@ -149,7 +171,12 @@ class Weight:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.decoded[1] if self.decoded else self.read.shape
+        if self.decoded:
+            return self.decoded[1]
+        if self.view:
+            rows, cols = self.read.shape[0], self.view.stop - self.view.start
+            return (cols, rows) if self.view.transpose else (rows, cols)
+        return self.read.shape
 
 
 @dataclass(frozen=True)
@@ -211,6 +238,18 @@ class Plan:
 
     def weight_map(self) -> dict[str, str]:
         return {spec.name: s.name for s in self.shards for spec in s.specs}
+
+
+@dataclass
+class Report:
+    """What a plan found, for `ptqflow plan` and for errors."""
+
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    fixes: list[str] = field(default_factory=list)  # ignore patterns that skip the problems
+    suggestions: list[str] = field(default_factory=list)  # layers usually left unquantized
+    callouts: list[str] = field(default_factory=list)
+    source_format: str = "plain"  # how the source stores its weights
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from storage.errors import disk_full_is
 from storage.safetensors import DTYPE_NAMES, ShardWriter, read_tensor
 from tasks.core.codecs import Codec
 from tasks.core.quant.compress import Tensors, quantize_weights
-from tasks.core.records import Manifest, Read, ShardPlan, Unit
+from tasks.core.records import Manifest, Read, ShardPlan, Unit, View
 from tasks.core.rotate import rotate
 
 __all__ = [
@@ -50,7 +50,7 @@ def read_unit(
     for w in unit.weights:
         tensors = {r.tensor: read(r) for r in (w.read, *w.deps)}
         if not w.encoded:
-            t = tensors[w.read.tensor]
+            t = cut(tensors[w.read.tensor], w.view) if w.view else tensors[w.read.tensor]
         else:
             tensors = {k: t.to(device, non_blocking=True) for k, t in tensors.items()}
             if w.decoded is None:
@@ -69,6 +69,12 @@ def read_unit(
     return out
 
 
+def cut(t: torch.Tensor, view: View) -> torch.Tensor:
+    """The weight `view` cuts from the matrix `t` (one expert of a fused 3-D tensor)."""
+    t = t[:, view.start : view.stop]
+    return (t.T if view.transpose else t).contiguous()
+
+
 def unit_outputs(unit, tensors: list, schemes: dict, device) -> list[tuple]:
     """(output name, tensor) pairs of one unit: quantized, or the tensors as read."""
     if unit.group is None:
@@ -80,9 +86,10 @@ def unit_outputs(unit, tensors: list, schemes: dict, device) -> list[tuple]:
     tensors = [t.to(device, non_blocking=True) for t in tensors]
     states = quantize_weights(tensors, schemes[unit.group])
     return [
-        (f"{w.module}.{key}", value)
+        (w.output(key), value)
         for w, state in zip(unit.weights, states, strict=True)
         for key, value in state.items()
+        if key not in w.skip
     ]
 
 
@@ -215,7 +222,7 @@ def write_shard(
 def _copied(unit: Unit) -> bool:
     """Is the unit written exactly as the source stores it (not quantized, decoded or
     rotated)?"""
-    return unit.group is None and not any(w.encoded or w.rotation for w in unit.weights)
+    return unit.group is None and not any(w.encoded or w.rotation or w.view for w in unit.weights)
 
 
 def _overlapped(

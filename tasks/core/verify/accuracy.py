@@ -24,8 +24,8 @@ def dequantized(stored: Tensors, scheme, shape) -> torch.Tensor:
     from compressed_tensors.compressors import BaseCompressor
 
     state = dict(stored)
-    if "weight_shape" in state:  # a wrong one is check_exactness's finding; don't unpack by it
-        state["weight_shape"] = torch.tensor(shape)
+    if "weight_packed" in state:  # a wrong weight_shape is check_exactness's finding, and
+        state["weight_shape"] = torch.tensor(shape)  # gpt-oss's experts have none
     compressor = BaseCompressor.get_value_from_registry(scheme_format(scheme))
     return compressor.decompress(state, scheme)["weight"]
 

@@ -102,7 +102,8 @@ def check_shard(
             global_scales = {}
             for w, t, want in zip(unit.weights, tensors, expected, strict=True):
                 r = results[w.name]
-                names = {k: f"{w.module}.{k}" for k in want}
+                want = {k: t for k, t in want.items() if k not in w.skip}
+                names = {k: w.output(k) for k in want}
                 got = {k: x for k, n in names.items() if (x := load(n)) is not None}
                 r.problems += check_exactness(
                     {names[k]: want[k] for k in want}, {names[k]: x for k, x in got.items()}

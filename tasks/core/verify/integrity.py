@@ -199,6 +199,8 @@ def _results(plan: Plan, schemes: dict, targeted: dict[str, str]) -> dict[str, T
                     w.shape,
                     size_in,
                     outputs[key],
+                    prefix=w.output(""),
+                    skip=w.skip,
                 )
     limits: dict[tuple, float] = {}
     for r in results.values():

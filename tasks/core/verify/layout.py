@@ -68,36 +68,41 @@ def check_vllm_layout(
     results: dict[str, TensorResult], schemes: dict, stored: dict[str, Read]
 ) -> None:
     """Each quantized weight stored as planned must also have the layout vLLM loads."""
-    by_module: dict[str, dict[str, Read]] = defaultdict(dict)
+    by_prefix: dict[str, dict[str, Read]] = defaultdict(dict)
     for name, loc in stored.items():
         module, _, local = name.rpartition(".")
-        by_module[module][local] = loc
+        by_prefix[f"{module}."][local] = loc
+        if "_" in local:  # gpt-oss's experts.N.w13_weight_packed: prefix w13_
+            head, _, key = local.partition("_")
+            by_prefix[f"{module}.{head}_"][key] = loc
     for r in results.values():
         if r.status != "quantized" or r.problems:
             continue
-        module = r.name.rpartition(".")[0]
         scheme = schemes[r.group]
         fmt = scheme_format(scheme)
         want = vllm_layout(fmt, scheme.weights, *r.shape)
         if want is None:
             continue
+        want = {k: v for k, v in want.items() if k not in r.skip}
         # the module's other tensors (bias, ...) are source tensors of their own
         got = {
             k: loc
-            for k, loc in by_module[module].items()
-            if f"{module}.{k}" == r.name or f"{module}.{k}" not in results
+            for k, loc in by_prefix[r.prefix].items()
+            if r.prefix + k == r.name or r.prefix + k not in results
         }
+        if r.prefix.endswith("_"):  # the prefix's own keys only (w13_ but not w13_bias)
+            got = {k: loc for k, loc in got.items() if k in want}
         for key in sorted(want.keys() | got.keys()):
             if key not in got or key not in want:
                 where = "lacks" if key not in got else "has an extra"
                 r.problems.append(
-                    f"{module}.{key}: QUANTIZED {where} {key}; vLLM's {fmt} "
+                    f"{r.prefix}{key}: QUANTIZED {where} {key}; vLLM's {fmt} "
                     f"loader creates {sorted(want)}"
                 )
                 continue
             dtypes, shape = want[key]
             if got[key].dtype not in dtypes or got[key].shape != shape:
                 r.problems.append(
-                    f"{module}.{key}: vLLM's {fmt} loader expects {'/'.join(dtypes)} "
+                    f"{r.prefix}{key}: vLLM's {fmt} loader expects {'/'.join(dtypes)} "
                     f"{list(shape)}, QUANTIZED holds {got[key].dtype} {list(got[key].shape)}"
                 )

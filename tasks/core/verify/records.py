@@ -40,6 +40,8 @@ class TensorResult:
     limit: float | None = None  # largest relative error accepted
     rel_error: float | None = None
     problems: list[str] = field(default_factory=list)
+    prefix: str = ""  # its compressed tensors' names are this + their key (Weight.output)
+    skip: tuple[str, ...] = ()  # compressed tensors its loader cannot load, left out
 
     @property
     def snr_db(self) -> float | None:
