@@ -102,6 +102,8 @@ def print_summary(summary) -> None:
         f"{summary.quantized} quantized, {summary.cached} cached, "
         f"{summary.total_size / 1e9:.3f} GB in {summary.destination}, {summary.seconds:.1f} s"
     )
+    if summary.serve:
+        print(f"serve it with: {summary.serve}")
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
@@ -120,6 +122,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
                     "fixes": report.fixes,
                     "suggested_ignore": report.suggestions,
                     "callouts": report.callouts,
+                    "notes": report.notes,
                 },
                 indent=2,
             )
@@ -137,8 +140,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
         f"predicted output size: {plan.total_size / 1e9:.3f} GB "
         f"({len(plan.shards)} shards, {len(plan.other_files)} other files)"
     )
-    for line in report.callouts:
+    for line in report.notes:
         print(f"note: {line}")
+    for line in report.callouts:
+        print(f"warning: {line}")
     for line in report.problems:
         print(f"problem: {line}")
     for label, patterns in (

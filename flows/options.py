@@ -213,6 +213,39 @@ def plan_request(
     )
 
 
+def reproduce(params: dict[str, Any], revision: str | None) -> str:
+    """The `ptqflow quantize` command that writes what a run with the flow's `params` wrote
+    (for its model card): the options that decide the output, SOURCE at `revision` (a Hub
+    source's commit), and a config given as a file or a dict written out beside it."""
+    import shlex
+
+    values = {**params, "revision": revision}
+    argv = ["ptqflow", "quantize", params["source"], params["destination"]]
+    lines = []
+    config = values.get("config")
+    if config is not None:
+        if isinstance(config, dict):
+            name, text = "config.json", json.dumps(config, indent=2, sort_keys=True)
+        else:
+            from pathlib import Path
+
+            name, text = Path(config).name, Path(config).read_text().rstrip()
+        lines += [f"cat > {shlex.quote(name)} <<'EOF'", text, "EOF"]
+        values["config"] = name
+    by_name = QUANTIZE.by_name
+    for key in OUTPUT:
+        o, value = by_name[key], values.get(key)
+        if value in (None, [], False) or value == o.default:
+            continue
+        if o.type is bool:
+            argv.append(o.cli_flag)
+        elif o.repeatable:
+            argv += [a for v in value for a in (o.cli_flag, v)]
+        else:
+            argv += [o.cli_flag, str(value)]
+    return "\n".join([*lines, " ".join(shlex.quote(a) for a in argv)])
+
+
 # --- the options, shared where commands mean the same thing --------------------------------
 
 SOURCE = Option("source", "folder, Hub repo id (org/name) or fsspec URL", positional=True)
@@ -272,6 +305,17 @@ MAX_WORKERS = Option(
     "max_workers", "shards quantizing at once (on the CPU)", default=1, type=int, minimum=1
 )
 DEVICE = Option("device", "cpu, cuda:N or cuda:0,cuda:1,... (default: every visible GPU, else cpu)")
+MODEL_CARD = Option(
+    "model_card",
+    "write this file as DEST's README.md instead of ptqflow's model card",
+    metavar="FILE",
+)
+NO_MODEL_CARD = Option(
+    "no_model_card",
+    "copy SOURCE's README.md as it is instead of writing ptqflow's model card",
+    default=False,
+    type=bool,
+)
 
 RUN = (
     SOURCE_FORMAT,
@@ -346,19 +390,53 @@ QUANTIZE_ORDER = (
     "source_format",
     "source_settings",
     "keep_source_quantization_for_ignored",
+    "model_card",
+    "no_model_card",
+)
+# the options that decide what a quantize run writes: its model card repeats them
+OUTPUT = (
+    "scheme",
+    "config",
+    "ignore",
+    "observer",
+    "rotate",
+    "include_other_weights",
+    "revision",
+    "source_format",
+    "source_settings",
+    "keep_source_quantization_for_ignored",
 )
 
 QUANTIZE = Command(
     "quantize",
     "quantize SOURCE into DEST (flow quantize-checkpoint)",
-    _order((SOURCE, DEST, SCHEME, CONFIG, IGNORE, OBSERVER, ROTATE, *RUN, KEEP), QUANTIZE_ORDER),
+    _order(
+        (
+            SOURCE,
+            DEST,
+            SCHEME,
+            CONFIG,
+            IGNORE,
+            OBSERVER,
+            ROTATE,
+            *RUN,
+            KEEP,
+            MODEL_CARD,
+            NO_MODEL_CARD,
+        ),
+        QUANTIZE_ORDER,
+    ),
     flow="quantize-checkpoint",
 )
 
 DEQUANTIZE = Command(
     "dequantize",
     "write a pre-quantized SOURCE as a BF16 checkpoint in DEST",
-    tuple(o for o in QUANTIZE.options if o not in (SCHEME, CONFIG, IGNORE, OBSERVER, KEEP)),
+    tuple(
+        o
+        for o in QUANTIZE.options
+        if o not in (SCHEME, CONFIG, IGNORE, OBSERVER, KEEP, MODEL_CARD, NO_MODEL_CARD)
+    ),
     flow="quantize-checkpoint",
 )
 

@@ -13,21 +13,25 @@ import json
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Literal
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.options import QUANTIZE, ROTATE, SOURCE_FORMATS, TASK_RUNNERS, plan_request
+from flows.options import QUANTIZE, ROTATE, SOURCE_FORMATS, TASK_RUNNERS, plan_request, reproduce
 from flows.shards import run_shards
 from storage.dest import open_dest
 from storage.errors import PtqflowError
+from storage.names import CONFIG
 from storage.source import Folder
+from tasks.core.card import CardRequest, hub_repo, serve_command
 from tasks.core.devices import check_devices, limit_malloc_arenas
 from tasks.core.formats import CompressedTensors, Format
 from tasks.core.records import Summary
 from tasks.core.transfer import cache_dir_for
-from tasks.finalize import finalize_task
+from tasks.finalize import card_task, finalize_task
 from tasks.plan import plan_task
 from tasks.verify import verify_task
 
@@ -71,6 +75,8 @@ def quantize_checkpoint(
     keep_source_quantization_for_ignored: Annotated[
         bool, described("keep_source_quantization_for_ignored")
     ] = DEFAULTS["keep_source_quantization_for_ignored"],
+    model_card: Annotated[str | None, described("model_card")] = DEFAULTS["model_card"],
+    no_model_card: Annotated[bool, described("no_model_card")] = DEFAULTS["no_model_card"],
 ) -> Summary:
     """Quantize SOURCE into DESTINATION with a preset `scheme` or a QuantizationConfig.
 
@@ -96,7 +102,12 @@ def quantize_checkpoint(
         keep_source_quantization_for_ignored=keep_source_quantization_for_ignored,
     )
     qconfig = request.config
+    params = {k: v for k, v in locals().items() if k in QUANTIZE.by_name}  # the flow's own
+    card = card_request(params, model_card, no_model_card, bool(qconfig.config_groups))
     plan = plan_task(request)
+    if card.kind == "card":  # the command pins a Hub source to the commit it read
+        hub = hub_repo(plan.source)
+        card = replace(card, command=reproduce(params, hub[1] if hub else revision))
     dest = open_dest(destination, private=private)
     with dest.writing(plan.source, overwrite):
         cache = cache_dir_for(Folder(plan.source), cache_dir)
@@ -113,16 +124,34 @@ def quantize_checkpoint(
             task_runner=task_runner,
             dask_address=dask_address,
         )
-        finalize_task(plan, plan.source, dest, ordered)
+        finalize_task(plan, plan.source, dest, ordered, card)
     checked = None
     if verify:  # raises naming every failing tensor
         checked = verify_task(
             plan.source, dest.url, max_workers=max_workers, device=devices[0], cache_dir=cache
         )
+        card_task(plan, plan.source, dest, card, checked)
+    serve = serve_command(dest.url, json.loads(dest.read(CONFIG)))
+    get_run_logger().info("serve it with: %s", serve)
     seconds = round(time.monotonic() - started, 1)
-    summary = Summary(dest.url, ordered, plan.total_size, seconds, checked)
+    summary = Summary(dest.url, ordered, plan.total_size, seconds, checked, serve)
     _table(summary)
     return summary
+
+
+def card_request(params: dict, model_card: str | None, no_model_card: bool, quantizes: bool):
+    """How the run writes DEST's README.md (tasks/core/card.py): ptqflow's card, the file
+    --model-card names, or SOURCE's (--no-model-card, and a run that only dequantizes)."""
+    if model_card and no_model_card:
+        raise PtqflowError("give --model-card FILE or --no-model-card, not both")
+    if model_card:
+        try:
+            return CardRequest("own", Path(model_card).read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            raise PtqflowError(f"cannot read --model-card {model_card}: {e}") from None
+    if no_model_card or not quantizes:
+        return CardRequest("source")
+    return CardRequest("card")
 
 
 def _table(summary: Summary) -> None:

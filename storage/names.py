@@ -1,9 +1,11 @@
-"""File names every layer agrees on: the index, config.json, and unfinished files."""
+"""File names every layer agrees on: the index, config.json, the model card, and unfinished
+files."""
 
 from pathlib import Path
 
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
+README = "README.md"  # the model card
 PARTIAL = ".partial"
 
 

@@ -1,4 +1,5 @@
-"""Stage 1, plan (`reindex-fused-weights`): which output shard gets which tensors."""
+"""Stage 1, plan: which output shard gets which tensors (and, for reindex-fused-weights,
+which shard each fused set moves to)."""
 
 from __future__ import annotations
 
@@ -39,12 +40,16 @@ def planned(request: PlanRequest, made: tuple[Plan, Report]) -> Iterator[None]:
         _MADE.clear()
 
 
-@task(name="reindex-fused-weights", cache_policy=NO_CACHE)
+@task(name="plan", cache_policy=NO_CACHE)
 def plan_task(request: PlanRequest) -> Plan:
-    """Plan quantize-checkpoint from SOURCE's headers; the plan's callouts go to the run's log."""
+    """Plan quantize-checkpoint from SOURCE's headers; the run's log gets the plan's notes
+    (what was asked for) at INFO, its callouts (what was not) as warnings."""
     made, report = plan(request)
+    logger = get_run_logger()
+    for line in report.notes:
+        logger.info(line)
     for line in report.callouts:
-        get_run_logger().warning(line)
+        logger.warning(line)
     return made
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import fsspec
 import torch
 
+from storage.names import README
 from tasks.core.pipeline import quantize
 from tasks.core.records import Summary
 from tasks.core.schemes import resolve_config
@@ -42,12 +43,15 @@ FUSED = (
 )
 
 
-def files(folder: Path) -> dict[str, bytes]:
-    """Every visible file below `folder` with its bytes."""
+def files(folder: Path, card: bool = False) -> dict[str, bytes]:
+    """Every visible file below `folder` with its bytes; its model card (README.md, which
+    names its DEST and the command that wrote it) only with `card`."""
     return {
         str(p.relative_to(folder)): p.read_bytes()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and (card or p.relative_to(folder) != Path(README))
     }
 
 
@@ -135,13 +139,14 @@ def upload_folder(local: Path, url: str) -> None:
             fs.pipe_file(f"{root}/{p.relative_to(local)}", p.read_bytes())
 
 
-def remote_files(url: str) -> dict[str, bytes]:
-    """Every visible file below an fsspec URL with its bytes."""
+def remote_files(url: str, card: bool = False) -> dict[str, bytes]:
+    """Every visible file below an fsspec URL with its bytes (the model card with `card`)."""
     fs, root = fsspec.core.url_to_fs(url)
+    found = {p[len(root) + 1 :]: p for p in sorted(fs.find(root))}
     return {
-        p[len(root) + 1 :]: fs.cat_file(p)
-        for p in sorted(fs.find(root))
-        if not any(part.startswith(".") for part in p[len(root) + 1 :].split("/"))
+        rel: fs.cat_file(p)
+        for rel, p in found.items()
+        if not any(part.startswith(".") for part in rel.split("/")) and (card or rel != README)
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from huggingface_hub import HfApi, ModelCard
 
 from tasks.core.schemes import resolve_config
 from tests import fakehub
@@ -60,6 +61,24 @@ def test_hub_source_downloads_per_shard_and_resumes_from_cache(
             assert int(end) < 64 * 1024, (path, headers["range"])
 
 
+def test_a_hub_sources_card_links_its_base_model_at_the_commit_read(
+    tmp_path, prefect_server, fake_hub, hub_model
+):
+    _, first = hub_model
+    head = fake_hub.add_repo("org/tiny-ds", {"README.md": b"---\nlicense: mit\n---\n# Tiny DS\n"})
+    run("org/tiny-ds", str(tmp_path / "out"))
+    card = ModelCard((tmp_path / "out" / "README.md").read_text())
+    assert card.data.to_dict() == {
+        "base_model": "org/tiny-ds",
+        "base_model_relation": "quantized",
+        "license": "mit",
+        "tags": ["compressed-tensors", "nvfp4", "ptqflow"],
+    }
+    assert f"--revision {head}" in card.text and head != first
+    assert "[org/tiny-ds](https://huggingface.co/org/tiny-ds) quantized" in card.text
+    assert card.text.endswith("## Original model card\n\n# Tiny DS\n")
+
+
 def test_revision_pins_the_source(tmp_path, prefect_server, fake_hub, hub_model):
     src, first_sha = hub_model
     changed = build_checkpoint(tmp_path / "src2", "deepseek_v3", shards=3, seed=7)
@@ -73,17 +92,21 @@ def test_revision_pins_the_source(tmp_path, prefect_server, fake_hub, hub_model)
 
 
 def test_hf_destination(tmp_path, prefect_server, fake_hub):
-    from huggingface_hub import HfApi
 
     src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=3)
     result = run(str(src), "hf://me/tiny-moe-fp8", "FP8_BLOCK", private=True)
     assert result.quantized == 3
     quantize_folder(src, tmp_path / "want", resolve_config("FP8_BLOCK", ignore=IGNORE))
     got = {k: v for k, v in fake_hub.files("me/tiny-moe-fp8").items() if not k.startswith(".")}
+    card = ModelCard(got.pop("README.md").decode())
     assert got == files(tmp_path / "want")
     assert HfApi().model_info("me/tiny-moe-fp8").private
-    # the repo's creation, ptqflow's marker, then one commit with every shard, config.json in it:
-    # the repo never looked complete before, and 3 shards did not make 3 commits
+    # a local SOURCE: no base model to link; the card serves the repo by its id
+    assert card.data.to_dict() == {"tags": ["compressed-tensors", "fp8", "ptqflow"]}
+    assert "vllm serve me/tiny-moe-fp8\n" in card.text
+    assert result.serve == "vllm serve me/tiny-moe-fp8"
+    # the repo's creation, ptqflow's marker, then one commit with every shard, config.json and
+    # the card in it: the repo never looked complete before, and 3 shards did not make 3 commits
     api = HfApi()
     commits = api.list_repo_commits("me/tiny-moe-fp8")
     assert len(commits) == 3, [c.title for c in commits]
@@ -100,7 +123,6 @@ def test_hf_destination_resumes_uploads_without_sending_them_again(
 ):
     """The final commit fails: the shards were already uploaded to the LFS store, so the rerun
     sends none of them again and commits them all at once."""
-    from huggingface_hub import HfApi
 
     from storage.errors import PtqflowError
 
@@ -116,6 +138,7 @@ def test_hf_destination_resumes_uploads_without_sending_them_again(
     assert not [r for r in fake_hub.requests if "lfs-upload" in r[1]], fake_hub.requests
     quantize_folder(src, tmp_path / "want", resolve_config("FP8_BLOCK", ignore=IGNORE))
     got = {k: v for k, v in fake_hub.files("me/tiny-moe-fp8").items() if not k.startswith(".")}
+    assert b"vllm serve me/tiny-moe-fp8" in got.pop("README.md")
     assert got == files(tmp_path / "want")
     commits = HfApi().list_repo_commits("me/tiny-moe-fp8")
     assert len(commits) == 3, [c.title for c in commits]

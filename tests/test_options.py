@@ -158,6 +158,8 @@ def test_dequantize_sets_a_subset_of_the_quantize_flow():
         "ignore",
         "observer",
         "keep_source_quantization_for_ignored",
+        "model_card",  # a BF16 copy keeps SOURCE's card
+        "no_model_card",
     }
 
 

@@ -214,7 +214,7 @@ def test_unexpected_3d_tensor_is_called_out(capsys, tmp_path, ckpts, name):
     rc, report = run_plan(capsys, path, "FP8_DYNAMIC", as_json=True)
     assert rc == 0 and report["problems"] == []
     (callout,) = [c for c in report["callouts"] if name in c]
-    assert callout.startswith(f"{name} [4, 512, 256] stays BF16")
+    assert callout.startswith(f"{name} [4, 512, 256] stay BF16")
     assert "3-D" in callout
     # It is kept: 5 norms + the 3-D tensor; everything else quantized.
     assert report["shards"] == {"model.safetensors": {"quantized": 16, "ignored": 0, "kept": 6}}
@@ -224,7 +224,7 @@ def test_unexpected_3d_tensor_is_called_out(capsys, tmp_path, ckpts, name):
     assert not any(n.startswith(f"{name}_") for n in specs)
 
     rc, text = run_plan(capsys, path, "FP8_DYNAMIC")
-    assert f"note: {callout}" in text.splitlines()
+    assert f"warning: {callout}" in text.splitlines()
 
 
 def test_tied_embeddings_called_out_and_kept(capsys, ckpts):
@@ -249,7 +249,7 @@ def test_tied_embeddings_called_out_and_kept(capsys, ckpts):
     assert "model.embed_tokens" in plan.config["ignore"]
 
     rc, text = run_plan(capsys, src, "NVFP4A16")
-    assert f"note: {callout}" in text.splitlines()
+    assert f"warning: {callout}" in text.splitlines()
 
 
 def test_plan_reports_problems_with_exit_1(capsys, tmp_path, ckpts):

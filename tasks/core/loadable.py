@@ -27,7 +27,6 @@ from tasks.core.records import Read, Report, Weight
 from tasks.core.select import ignore_pattern, ties
 
 __all__ = [
-    "LARGE",
     "check",
     "experts_kept",
     "fix",
@@ -36,8 +35,6 @@ __all__ = [
     "suggest",
     "whole",
 ]
-
-LARGE = 1 << 20  # unquantized 2-D tensors with at least this many elements are called out
 
 
 def _cut(w: Weight) -> bool:
@@ -181,8 +178,9 @@ def suggest(
     model_config: dict, weights: dict[str, Weight], groups: dict, targeted: dict, report: Report
 ):
     """Ignore patterns for the layers that would be quantized though vLLM builds them
-    unquantized (and would refuse the output: each kind gets a warning), and the large
-    tensors kept as they are."""
+    unquantized (and would refuse the output: each kind gets a warning), a warning for each
+    large tensor kept because it is not 2-D, and one note for the weights left unquantized
+    as asked."""
     shapes = {n: w.shape for n, w in weights.items()}
     found: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for module, why in sorted(unquantized(model_config, shapes).items()):
@@ -196,19 +194,28 @@ def suggest(
             f"vLLM builds {'them' if more else 'it'} unquantized ({why}) and would refuse the "
             f"checkpoint; pass --ignore '{pattern}'"
         )
+    left, solid = [], defaultdict(list)
     for name, w in weights.items():
-        n = 1
-        for d in w.shape:
-            n *= d
-        if name in groups or len(w.shape) < 2 or (len(w.shape) == 2 and n < LARGE):
+        if name in groups or len(w.shape) < 2:
             continue
-        if len(w.shape) > 2:
-            why = f"is {len(w.shape)}-D, only 2-D linear weights are quantized"
-        elif name in targeted:
-            why = "is ignored"
+        if len(w.shape) == 2:
+            left.append(name.removesuffix(".weight"))
         else:
-            why = "is not targeted"
-        report.callouts.append(f"{name} {list(w.shape)} stays {w.dtype}: it {why}")
+            solid[ignore_pattern(name)].append(name)
+    for names in solid.values():
+        w, more = weights[names[0]], len(names) - 1
+        report.callouts.append(
+            f"{names[0]} {list(w.shape)}{f' and {more} more like it' if more else ''} stay "
+            f"{w.dtype}: {len(w.shape)}-D, only 2-D linear weights are quantized"
+        )
+    if left:
+        asked = [m for m in left if f"{m}.weight" in targeted]
+        rest = len(left) - len(asked)
+        report.notes.append(
+            f"{len(asked)} weights stay unquantized (ignored)"
+            + (f", e.g. {', '.join(asked[:3])}" if asked else "")
+            + (f"; {rest} the config does not target" if rest else "")
+        )
 
 
 def ignore_entries(

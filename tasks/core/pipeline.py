@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from storage.dest import open_dest
 from storage.source import Folder
+from tasks.core.card import CardRequest
 from tasks.core.finalize import finalize
 from tasks.core.planner import plan_checkpoint
 from tasks.core.records import Summary
@@ -23,6 +24,8 @@ from tasks.core.transfer import cache_dir_for, download, upload
 __all__ = [
     "quantize",
 ]
+
+CARD = CardRequest()  # ptqflow's model card, its command made from the plan
 
 
 def quantize(
@@ -34,9 +37,11 @@ def quantize(
     device: str = "cpu",
     overwrite: bool = False,
     cache_dir: str | None = None,
+    card: CardRequest = CARD,
     **plan_options,
 ) -> Summary:
-    """Plan SOURCE, write every output shard into DESTINATION, then the index and config.json.
+    """Plan SOURCE, write every output shard into DESTINATION, then the index, the model card
+    (as `card` asks) and config.json.
 
     `config` is a resolved QuantizationConfig (tasks.core.schemes.resolve_config);
     `plan_options` are plan_checkpoint's. Up to `max_workers` shards are
@@ -67,5 +72,5 @@ def quantize(
         with ThreadPoolExecutor(max_workers) as pool, ThreadPoolExecutor(1) as uploads:
             done = [uploads.submit(upload, m, dest) for m in pool.map(one, plan.shards)]
             manifests = [f.result() for f in done]
-        finalize(plan, folder, dest, manifests)
+        finalize(plan, folder, dest, manifests, card)
     return Summary(dest.url, manifests, plan.total_size, round(time.monotonic() - started, 1))

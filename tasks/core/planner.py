@@ -25,7 +25,7 @@ from tasks.core.loaders import fused_sets
 from tasks.core.records import Plan, Report, ShardPlan, Unit
 from tasks.core.rotate import plan_rotation
 from tasks.core.schemes import KV_CACHE_WARNING
-from tasks.core.select import assign_groups, mtp_modules, named_by, tied_modules
+from tasks.core.select import assign_groups, mtp_modules, named_by, tied_modules, unmatched
 
 __all__ = [
     "plan_checkpoint",
@@ -77,12 +77,12 @@ def plan_checkpoint(
         report.problems += problems
         report.source_format = fmt.name
         encoded = sum(w.encoded for ws in per_file.values() for w in ws)
-        report.callouts.append(
+        report.notes.append(
             f"the source is {fmt.name}: {encoded} weights stored quantized are dequantized "
             "to BF16 in memory, one at a time, by compressed-tensors' converters"
         )
         if dropped:
-            report.callouts.append(
+            report.notes.append(
                 f"{len(dropped)} activation / KV-cache scale(s) of the {fmt.name} source are "
                 f"not written (e.g. {dropped[0].name}); the new scheme does not use them"
                 + (
@@ -96,8 +96,9 @@ def plan_checkpoint(
     if rotate:
         rotation = plan_rotation(rotate, model_config, weights, per_file, keep_source_quantization)
         per_file = {f: [weights[w.name] for w in ws] for f, ws in per_file.items()}
-        report.callouts.append(rotation.callout)
+        report.notes.append(rotation.callout)
 
+    report.callouts += unmatched(config, {n: w.shape for n, w in weights.items()})
     groups = assign_groups(weights, config)
     targeted = assign_groups(weights, _without_ignore(config))
     if config.kv_cache_scheme is not None:
@@ -208,12 +209,13 @@ def plan_checkpoint(
     ignored = [n for n in targeted if n in weights and n not in done and len(weights[n].shape) == 2]
     extra = ignore_entries(model_config, weights, groups, [n.rpartition(".")[0] for n in ignored])
     if extra and config.config_groups:
-        report.callouts.append(
+        report.notes.append(
             "the ignore list written to config.json also names what stays unquantized as "
             f"vLLM and transformers look it up: {', '.join(extra)}"
         )
     out_config = _config_dict(config, kept, ignored, codec, extra) if config.config_groups else None
-    plan = Plan(folder.url, out_config, plan_shards, other, fingerprints, fmt, rotation)
+    size = sum(t.nbytes for h in src.headers.values() for t in h.tensors.values())
+    plan = Plan(folder.url, out_config, plan_shards, other, fingerprints, fmt, rotation, size)
     return plan, report
 
 

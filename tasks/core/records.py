@@ -231,6 +231,7 @@ class Plan:
     fingerprints: dict[str, str] = field(default_factory=dict)  # source file -> version
     source_format: SourceFormat | None = None
     rotation: ResidualRotation | None = None
+    source_size: int = 0  # bytes of the source's tensors
 
     @property
     def total_size(self) -> int:
@@ -248,7 +249,8 @@ class Report:
     problems: list[str] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)  # ignore patterns that skip the problems
     suggestions: list[str] = field(default_factory=list)  # layers usually left unquantized
-    callouts: list[str] = field(default_factory=list)
+    callouts: list[str] = field(default_factory=list)  # warnings: what was not asked for
+    notes: list[str] = field(default_factory=list)  # what was asked for, said once
     source_format: str = "plain"  # how the source stores its weights
 
 
@@ -282,6 +284,7 @@ class Summary:
     total_size: int
     seconds: float
     verify: Any = None  # tasks.core.verify's VerifyResult, with --verify
+    serve: str = ""  # the `vllm serve` line for the output
 
     @property
     def cached(self) -> int:

@@ -128,7 +128,7 @@ def resolve_config(scheme=None, config=None, ignore: Iterable[str] = (), observe
                     f"unknown scheme {scheme!r}; valid schemes: {', '.join(data_free_presets())}"
                 )
             _refuse_calibrated(name, PRESET_SCHEMES[name])
-            resolved = preset_name_to_scheme(name, [])
+            resolved = preset_name_to_scheme(name, ["Linear"])
         if observer is not None:
             resolved.weights.observer = observer
         config = QuantizationConfig(
@@ -223,4 +223,7 @@ def _check_scheme(group: str, scheme) -> None:
             f"config group {group!r} sets actorder, which needs GPTQ calibration; remove it"
         )
     if not scheme.targets:
-        scheme.targets = ["Linear"]
+        raise PtqflowError(
+            f"config group {group!r} has an empty targets list; name what it quantizes "
+            "(targets: [Linear] for every linear layer)"
+        )

@@ -8,6 +8,7 @@ whose module is targeted and not ignored, modules ending in `norm` skipped,
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable
 
@@ -21,6 +22,7 @@ __all__ = [
     "named_by",
     "ties",
     "tied_modules",
+    "unmatched",
 ]
 
 # Multi-token-prediction (MTP) layers: DeepSeek-V3/R1, Kimi-K2, GLM-4.5 and others append
@@ -88,3 +90,36 @@ def ignore_pattern(module: str, below: bool = False) -> str:
     every module inside it)."""
     parts = [r"\d+" if p.isdigit() else re.escape(p) for p in module.split(".")]
     return "re:" + r"\.".join(parts) + (r"(\..*)?$" if below else "$")
+
+
+def unmatched(config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """A warning for each ignore entry, and each targets entry of a config group, that
+    matches no module of the checkpoint (`shapes`: its weights), with the closest names:
+    almost always a typo (`lm-head`), though a pattern may be meant for another model."""
+    from compressed_tensors.utils.match import match_name
+
+    modules = {n.removesuffix(".weight") for n in shapes} | {n.rpartition(".")[0] for n in shapes}
+    modules.discard("")
+    entries = [("--ignore (the config's ignore list)", p) for p in config.ignore or []]
+    for group, scheme in config.config_groups.items():
+        entries += [
+            (f"config group {group!r}'s targets", t) for t in scheme.targets if t != "Linear"
+        ]
+    out = []
+    for where, pattern in entries:
+        if any(match_name(m, pattern) for m in modules):
+            continue
+        close = _closest(pattern, modules)
+        out.append(
+            f"{where}: '{pattern}' matches no module of SOURCE"
+            + (f"; closest: {', '.join(close)}" if close else "")
+        )
+    return out
+
+
+def _closest(pattern: str, modules: set[str]) -> list[str]:
+    """Module names (whole, or their last one or two parts) closest to `pattern`'s text."""
+    text = re.sub(r"\\[dDsSwW][+*]?|[\^$()\[\]+*?\\]|re:|\.\*", "", pattern).strip(".")
+    tails = {".".join(m.split(".")[-k:]) for m in modules for k in (1, 2)}
+    words = sorted(modules | {t for t in tails if not t.isdigit()})
+    return difflib.get_close_matches(text, words, n=3, cutoff=0.6)

@@ -15,9 +15,10 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from storage.errors import PtqflowError
-from storage.names import CONFIG, INDEX
+from storage.names import CONFIG, INDEX, README
 from storage.safetensors import FLOAT_DTYPES, Header, TensorSpec, read_header
 from storage.source import HUB_ID, Folder, open_source
+from tasks.core.card import check_card
 from tasks.core.quant.compress import meta_outputs
 from tasks.core.quant.kinds import scheme_format
 from tasks.core.records import ROTATION_KEY, Plan, Read
@@ -100,6 +101,8 @@ def check_integrity(source: Folder, quantized: Folder) -> Integrity:
     source_config = json.loads(source.read_text(CONFIG))
     _compare_configs(source_config, config, plan, v)
     for rel in plan.other_files:
+        if rel == README:  # the model card: _check_card
+            continue
         if rel not in files:
             v.problems.append(f"{rel}: in SOURCE but missing from QUANTIZED")
         elif quantized.size(rel) != source.size(rel):
@@ -122,7 +125,21 @@ def check_integrity(source: Folder, quantized: Folder) -> Integrity:
     stored = _compare_tensors(plan, located, results, v)
     check_vllm_layout(results, schemes, stored)
     _check_mtp(source_config, located, v)
+    _check_card(quantized, files, qc, v)
     return Integrity(plan, schemes, stored, results, v)
+
+
+def _check_card(quantized: Folder, files: list[str], qc: dict, v: Verification) -> None:
+    """QUANTIZED has a model card, and a ptqflow card names config.json's schemes."""
+    if README not in files:
+        v.problems.append(
+            f"{README}: QUANTIZED has no model card; ptqflow writes one with every output "
+            "(or copies SOURCE's with --no-model-card)"
+        )
+        return
+    problem = check_card(quantized.read_text(README), qc)
+    if problem:
+        v.problems.append(problem)
 
 
 def _check_mtp(model_config: dict, located: dict[str, Read], v: Verification) -> None:

@@ -88,6 +88,7 @@ class VerifyResult:
     logits: dict | None
     report: str
     plot: str
+    by_group: dict[str, TensorResult] = field(default_factory=dict)  # each group's worst
 
 
 @dataclass

@@ -254,6 +254,10 @@ def summary(v: Verification, paths: dict[str, Path]) -> VerifyResult:
     count = defaultdict(int)
     for t in v.tensors:
         count[t.status] += 1
+    ranked = _ranked(v)
+    by_group = {}
+    for t in ranked:
+        by_group.setdefault(t.group, t)
     return VerifyResult(
         ok=v.ok,
         message=None if v.ok else failure_message(v, paths["markdown"]),
@@ -264,8 +268,9 @@ def summary(v: Verification, paths: dict[str, Path]) -> VerifyResult:
         size_in=v.size_in,
         size_out=v.size_out,
         problems=len(v.failures()),
-        worst=tuple(_ranked(v)[:5]),
+        worst=tuple(ranked[:5]),
         logits=v.logits,
         report=str(paths["markdown"]),
         plot=str(paths["plot"]),
+        by_group=by_group,
     )
