@@ -1,15 +1,17 @@
-"""The per-shard part of every flow: download -> quantize -> upload for each shard.
+"""The per-shard part of every flow: download -> quantize for each shard.
 
 Both flows (quantize-checkpoint and reindex-fused-weights) run their shards
 here, on one task runner made from their own parameters: threads in this
-process, or Dask workers.
+process, or Dask workers. The quantize task writes a shard and puts it into
+DEST, so no stage reads a file that only another machine has: with Dask, the
+shard is written and put on one worker, wherever its download ran.
 
-Resuming: the upload task's result (the shard's Manifest) is persisted under
+Resuming: the quantize task's result (the shard's Manifest) is persisted under
 the shard's content key (tasks/core/keys.py). Before submitting a shard, the
 flow looks that key up. If the recorded shard is still in DEST, it submits the
-upload task alone: its cache key hits, so it returns the stored manifest
-without running and shows as Cached. Every other shard's upload runs with
-`refresh_cache`, so its new manifest replaces any stale record.
+quantize task alone: its cache key hits, so it returns the stored manifest
+without running and shows as Cached. Every other shard's quantize task runs
+with `refresh_cache`, so its new manifest replaces any stale record.
 """
 
 from __future__ import annotations
@@ -30,10 +32,8 @@ from storage.errors import PtqflowError
 from storage.source import Folder
 from tasks.core.keys import shard_key, still_valid
 from tasks.core.records import Manifest, Plan
-from tasks.core.shard import claimed
 from tasks.download import download_task
 from tasks.quantize import local_limits, quantize_task
-from tasks.upload import upload_task
 
 
 def run_shards(
@@ -53,15 +53,15 @@ def run_shards(
     """Every shard of `plan` in DEST, in plan order: done here, or found done by an earlier run.
 
     `config` quantizes (None copies, as reindex does). Shard k quantizes while
-    k+1 downloads and k-1 uploads; a per-device concurrency limit bounds the
-    shards quantizing at once, and `max_downloaded` those downloaded but not
-    yet quantized. A failed shard fails its own tasks while the others finish;
+    k+1 downloads and k-1 is put into DEST; a per-device concurrency limit bounds
+    the shards quantizing at once, and `max_downloaded` those downloaded but not
+    yet in DEST. A failed shard fails its own tasks while the others finish;
     then one error names every failed shard.
     """
     logger = get_run_logger()
     store = result_store(dest, result_storage)
-    upload = upload_task.with_options(result_storage=store)
-    redo = upload.with_options(refresh_cache=True)
+    cached_or_run = quantize_task.with_options(result_storage=store)
+    redo = cached_or_run.with_options(refresh_cache=True)
     futures, chains, cached, window = {}, {}, set(), []
     with (
         make_runner(task_runner, max_workers, max_downloaded, dask_address) as runner,
@@ -69,21 +69,24 @@ def run_shards(
     ):
         for i, shard in enumerate(plan.shards):
             key = shard_key(plan, shard, dest.url)
+            dev = devices[i % len(devices)]
+            stage = dict(
+                shard=shard,
+                source=plan.source,
+                cache_dir=cache_dir,
+                config=config,
+                dest=dest,
+                key=key,
+                device=dev,
+                limit=limits[dev],
+            )
             manifest = stored_manifest(store, key)
             if manifest is not None and still_valid(manifest, dest):
-                futures[submit(runner, upload, shard, manifest=None, dest=dest, key=key)] = shard
+                futures[submit(runner, cached_or_run, shard, paths=None, **stage)] = shard
                 cached.add(shard.name)
                 continue
-            # whole, but its result was never stored (a stored one that fails means it changed)
-            if manifest is None and claimed(dest.staging, shard.name, key):
-                size = (dest.staging / shard.name).stat().st_size
-                found = Manifest(shard.name, size, shard.bytes_in, cached=True)
-                futures[submit(runner, redo, shard, manifest=found, dest=dest, key=key)] = shard
-                cached.add(shard.name)
-                continue
-            if len(window) >= max_downloaded:  # bounds shards downloaded but not quantized
+            if len(window) >= max_downloaded:  # bounds shards downloaded but not in DEST
                 window.pop(0).wait()
-            dev = devices[i % len(devices)]
             paths = submit(
                 runner,
                 download_task,
@@ -92,20 +95,10 @@ def run_shards(
                 files=shard.files,
                 cache_dir=cache_dir,
             )
-            q = submit(
-                runner,
-                quantize_task,
-                shard,
-                shard=shard,
-                paths=paths,
-                config=config,
-                out_dir=str(dest.staging),
-                device=dev,
-                limit=limits[dev],
-                key=key,
-            )
+            # a shard found written is kept, unless a stored result says it has changed since
+            q = submit(runner, redo, shard, paths=paths, keep=manifest is None, **stage)
             window.append(q)
-            futures[submit(runner, redo, shard, manifest=q, dest=dest, key=key)] = shard
+            futures[q] = shard
             chains[shard.name] = (paths, q)
         if cached:
             logger.info("%d of %d shards already done (cached)", len(cached), len(plan.shards))
@@ -152,10 +145,12 @@ def _collect(plan, futures: dict, chains: dict, cached: set, delete_downloads: b
         try:
             manifest = future.result()
         except Exception:
-            failed[shard.name] = _failure(chains.get(shard.name, ()) + (future,))
+            failed[shard.name] = _failure(chains.get(shard.name, (future,)))
             logger.error("%s failed: %s", shard.name, failed[shard.name])
             continue
-        manifests[shard.name] = replace(manifest, cached=shard.name in cached)
+        # a shard found written by an earlier run, where it was quantized, is cached too
+        manifest = replace(manifest, cached=shard.name in cached or manifest.cached)
+        manifests[shard.name] = manifest
         if shard.name not in cached:
             done_bytes += shard.bytes_in
             if delete_downloads:
@@ -168,7 +163,7 @@ def _collect(plan, futures: dict, chains: dict, cached: set, delete_downloads: b
             len(manifests) + len(failed),
             len(plan.shards),
             shard.name,
-            "cached" if shard.name in cached else "done",
+            "cached" if manifest.cached else "done",
             done_bytes / 1e9,
             rate / 1e9,
             eta,
@@ -211,7 +206,7 @@ def device_limits(devices: list[str], max_workers: int, local: bool):
 
 
 def _failure(chain) -> str:
-    """The message of the first failed stage of a shard's download -> quantize -> upload."""
+    """The message of the first failed stage of a shard's download -> quantize."""
     for future in chain:
         try:
             future.result()

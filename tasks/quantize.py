@@ -1,18 +1,19 @@
-"""Stage 3, quantize: write one output shard from its downloaded source files."""
+"""Stage 3, quantize: write one output shard from its source files and put it into DEST."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
+from storage.dest import Dest
+from storage.source import Folder
 from tasks.core.records import Manifest, ShardPlan
-from tasks.core.shard import write_shard
+from tasks.core.shard import staged, write_shard
+from tasks.core.transfer import UploadError, local_copies, upload
 
 # Device limits of runs whose tasks are threads of this process: written by `local_limits` only
 LOCAL_LIMITS: dict[str, threading.BoundedSemaphore] = {}
@@ -37,24 +38,54 @@ def _slot(limit: str | None) -> AbstractContextManager:
     return LOCAL_LIMITS.get(limit) or concurrency(limit, strict=True)
 
 
-@task(name="quantize", cache_policy=NO_CACHE)
+def _key(context, parameters) -> str:
+    return parameters["key"]
+
+
+def _put_failed(task, task_run, state) -> bool:
+    """Retry only a shard that was written but not put: the retry puts it again."""
+    return isinstance(state.result(raise_on_failure=False), UploadError)
+
+
+@task(
+    name="quantize",
+    cache_key_fn=_key,
+    persist_result=True,
+    retries=3,
+    retry_delay_seconds=5,
+    retry_condition_fn=_put_failed,
+)
 def quantize_task(
     shard: ShardPlan,
-    paths: dict[str, str],
-    out_dir: str,
+    paths: dict[str, str] | None,
+    source: str,
+    cache_dir: str | None,
     config,
+    dest: Dest,
+    key: str,
     device: str = "cpu",
     limit: str | None = None,
-    key: str | None = None,
+    keep: bool = True,
 ) -> Manifest:
-    """Quantize one shard from downloaded `paths` with `config` (None copies, as reindex does).
+    """Write one shard with `config` (None copies, as reindex does) and put it into DEST.
 
-    `limit` names the concurrency limit of `device` (a `local_limits` one, or Prefect's
-    global one), so shards on one GPU never compete for its memory, whichever process
-    or machine runs them.
-    `key` is recorded beside the shard before it gets its final name.
+    One task writes and puts, so a shard never has to be found on another machine:
+    source files the download left on another machine (`paths` are its local copies)
+    are downloaded again here, and with `keep`, a shard this machine already wrote for
+    `key` (a run killed before its result was stored) is only put. `limit` names the
+    concurrency limit of `device` (a `local_limits` one, or Prefect's global one), held
+    while the shard is written, so shards on one GPU never compete for its memory,
+    whichever process or machine runs them; the put runs after it, beside the next
+    shard's quantization.
+
+    Its result is cached under the shard's content `key`: a rerun that finds a valid
+    result submits this task alone, without a download, and it comes back Cached.
     """
-    schemes = config.config_groups if config is not None else {}
-    opener = lambda f: open(paths[f], "rb")  # noqa: E731
-    with _slot(limit):
-        return write_shard(shard, opener, Path(out_dir), schemes, device, claim=key)
+    manifest = staged(dest.staging, shard, key) if keep else None
+    if manifest is None:
+        local = local_copies(Folder(source), shard.files, cache_dir, paths)
+        schemes = config.config_groups if config is not None else {}
+        opener = lambda f: open(local[f], "rb")  # noqa: E731
+        with _slot(limit):
+            manifest = write_shard(shard, opener, dest.staging, schemes, device, claim=key)
+    return upload(manifest, dest)

@@ -35,7 +35,6 @@ def imported(path) -> set[str]:
             (
                 "tasks.download",
                 "tasks.quantize",
-                "tasks.upload",
                 "tasks.plan",
                 "tasks.finalize",
                 "tasks.verify",

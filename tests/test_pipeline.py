@@ -83,26 +83,6 @@ def test_cached_result_redone_when_output_changed(tmp_path, prefect_server):
     assert files(out) == files(tmp_path / "want")
 
 
-@pytest.fixture
-def s3(tmp_path, monkeypatch):
-    """An S3-compatible server (moto) on loopback, with s3fs pointed at it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    fsspec.filesystem("s3").clear_instance_cache()
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir("models")
-    yield fs
-    fsspec.filesystem("s3").clear_instance_cache()
-    server.stop()
-
-
 def test_s3_source_and_destination(tmp_path, prefect_server, s3):
     src = build_checkpoint(tmp_path / "src", "deepseek_v3", shards=3)
     upload_folder(src, "s3://models/ds")

@@ -28,6 +28,7 @@ __all__ = [
     "claim_path",
     "claimed",
     "read_unit",
+    "staged",
     "unit_outputs",
     "write_shard",
 ]
@@ -106,6 +107,15 @@ def claimed(out_dir: Path, name: str, key: str) -> bool:
         return (out_dir / name).is_file() and claim_path(out_dir, name).read_text() == key
     except OSError:
         return False
+
+
+def staged(out_dir: Path, shard: ShardPlan, key: str) -> Manifest | None:
+    """The manifest of `shard` if `out_dir` holds it whole, written for `key` (see `claimed`),
+    marked cached: an earlier run wrote it. None if it must be written."""
+    if not claimed(out_dir, shard.name, key):
+        return None
+    size = (out_dir / shard.name).stat().st_size
+    return Manifest(shard.name, size, shard.bytes_in, cached=True)
 
 
 def _record(out_dir: Path, name: str, key: str) -> None:
