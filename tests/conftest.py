@@ -25,12 +25,16 @@ def prefect_server():
 @pytest.fixture
 def s3(tmp_path, monkeypatch):
     """An S3-compatible server (moto) on loopback, with s3fs pointed at it."""
+    import urllib.request
+
     import fsspec
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
+    # moto keeps its buckets in the process, across servers: start empty
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", b""))
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
