@@ -139,10 +139,10 @@ def test_the_choices_and_converters_are_the_registrys():
     }
 
 
-def test_the_readme_table_of_source_formats_is_the_registrys():
+def test_the_docs_table_of_source_formats_is_the_registrys():
     from tasks.core.formats import Format
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs/prequantized.md").read_text()
     rows = [f"| `{f.name}` | {f.detected} | {f.examples} |" for f in Format.registered()]
     assert "\n".join(rows) in text
 

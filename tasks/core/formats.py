@@ -5,7 +5,7 @@ A format is registered here, and only here, with what names and detects it
 checkpoints hold), the compressed-tensors converter `model_free_ptq` accepts for
 it and that converter's settings, the checks of its quantization_config, and
 the converters that decode its weights (`converters`). The CLI's choices, the
-flow's converter table, codecs.py's detection and the README's table come from it.
+flow's converter table, codecs.py's detection and docs/prequantized.md's table come from it.
 
 Nothing here imports torch or compressed-tensors until a format is used, so the
 CLI reads the names at once (`ptqflow --help`).
@@ -60,8 +60,8 @@ class Format(Registry):
     leaves: ClassVar[frozenset[str]]  # the leaves of its weights' tensors (scales, packs, ...)
     side_file: ClassVar[str | None] = None  # a file that may hold its settings instead
     plans_on_meta: ClassVar[bool] = True  # its converters' `validate` gives shapes on meta
-    detected: ClassVar[str]  # the README's "detected from"
-    examples: ClassVar[str]  # the README's examples
+    detected: ClassVar[str]  # docs/prequantized.md's "detected from"
+    examples: ClassVar[str]  # docs/prequantized.md's examples
 
     def settle(self, config: dict) -> dict:
         """The source's quantization_config, checked and completed (raises naming a
