@@ -191,6 +191,7 @@ def cols200(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 @pytest.mark.parametrize("scheme, group", [("W4A16", 128), ("NVFP4A16", 16)])
 def test_unrepresentable_shapes_listed_in_one_message(
     capsys, tmp_path, flow_calls, cols200, scheme, group
@@ -227,6 +228,7 @@ def test_shape_error_suggests_only_patterns_for_the_failing_tensors(
     assert set(suggested_patterns(msg)) == BAD_200_PATTERNS
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_fp8_block_pads_partial_blocks(capsys, tmp_path, flow_calls):
     """576 output rows (4.5 blocks of 128) and 200 input columns are quantized padded, as
     compressed-tensors does; but vLLM loads gate_proj and up_proj as one layer and refuses

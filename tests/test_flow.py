@@ -23,6 +23,7 @@ from tests.helpers import (
 )
 
 
+@pytest.mark.slow  # starts a Prefect server
 def test_model_free_ptq_runs_the_flow(tmp_path, prefect_server):
     from flows import model_free_ptq
 

@@ -209,6 +209,7 @@ print(json.dumps([m.name for m in summary.shards]))
 """
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_core_quantizes_and_verifies_with_prefect_unimportable(tmp_path):
     src = build_checkpoint(tmp_path / "src", "deepseek_v3", shards=3)
     out = tmp_path / "out"

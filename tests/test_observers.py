@@ -71,6 +71,7 @@ def test_weight_matches_the_reference_search(name, observer, kwargs, shape):
     assert any(not torch.equal(got[k], minmax[k]) for k in got), "the search changed nothing"
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_fused_set_shares_the_global_scale_of_its_searched_ranges():
     s = scheme("NVFP4A16", "nvfp4_expanded_mse")
     ws = [heavy_tailed(256, 256, seed) * f for seed, f in ((1, 1.0), (2, 3.0), (3, 0.2))]
@@ -119,6 +120,7 @@ def test_torch_and_compiled_errors_are_the_same_bits(monkeypatch, name):
     assert_same_bytes(fast, slow)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_fused_search_sums_as_torch_and_leaves_torch_the_unsure_sums(monkeypatch):
     """The kernel sums each group itself; where its sum could round to another bfloat16 than
     torch's, torch sums that group's terms. Best error, step and improvements are torch's."""

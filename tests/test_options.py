@@ -327,6 +327,7 @@ def test_no_device_means_every_visible_gpu_as_llm_compressor(monkeypatch):
     assert check_devices(None) == ["cuda:0", "cuda:1"]
 
 
+@pytest.mark.slow  # starts a Prefect server
 def test_model_free_ptq_spreads_shards_over_a_device_list(tmp_path, prefect_server, slow_shards):
     """`device=["cpu", "cpu"]` is "cpu,cpu" for the flow: one device named twice, so one
     concurrency limit of max_workers slots, and the same bytes as one device."""
