@@ -6,6 +6,7 @@ PREFECT_HOME); every command runs as a user would type it, in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -27,6 +28,8 @@ from tests.checkpoints import build_checkpoint
 from tests.helpers import ROOT, files, quantize_folder
 
 IGNORE = ["lm_head", "model.embed_tokens"]
+STOP_S = 30  # a worker stops in about 1 s, even on 2 busy cores
+FLUSH_S = 15  # an unanswered events websocket closes in about 11 s
 
 
 def wait_until(check, timeout: float, what: str) -> None:
@@ -103,34 +106,56 @@ def sh(command: str, env: dict, timeout: float = 300) -> str:
     return proc.stdout + proc.stderr
 
 
-def start(command: str, env: dict, log: Path | None = None) -> subprocess.Popen:
-    """Start a long-running walkthrough command (a worker, `ptqflow serve`)."""
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
-        command_line(command),
-        cwd=ROOT,
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+def start(command: str, env: dict, log: Path) -> subprocess.Popen:
+    """Start a long-running walkthrough command (a worker, `ptqflow serve`); its output goes
+    to `log`, which `stop` reads."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            command_line(command),
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def worker_stopped(proc: subprocess.Popen) -> bool:
+    """Whether `prefect worker start` printed "Worker '...' stopped!": its shutdown is over
+    (loops cancelled, flow runs' processes handled). What a worker still does after that is
+    Prefect's exit-time flush (threading._shutdown -> _QueueServiceBase._at_exit -> drain,
+    no deadline) of the events it still holds (prefect.worker.stopped): when the server has
+    not answered for a while, its events websocket was closed by the keepalive, and the flush
+    retries the connection 11 times with a 10 s opening timeout each (about 2 minutes)."""
+    return b"' stopped!" in proc.log.read_bytes()
 
 
 def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
-    """Stop a walkthrough command as a user would (SIGTERM to its process group). A worker
-    has, in full-suite runs only, gone on running for over a minute after its run finished:
-    then what was still running is named in a warning, and it is killed as a lost machine."""
+    """Stop a walkthrough command as a user would (SIGTERM to its process group), and wait
+    for it to exit. A worker that has printed "stopped!" but is still flushing its last
+    events to a server that does not answer (see `worker_stopped`) gets FLUSH_S, then is
+    killed without a word: only a `prefect.worker.stopped` event is lost. One that has not
+    stopped within STOP_S is named in a warning and killed as a lost machine."""
     import psutil
 
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, sig)
+    started, stopped = time.monotonic(), None
+    while proc.poll() is None:
+        now = time.monotonic()
+        if stopped is None and worker_stopped(proc):
+            stopped = now
+        if stopped is not None and now - stopped > FLUSH_S:
+            kill_tree(proc)
+        elif stopped is None and now - started > STOP_S:
             family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
             running = [" ".join(p.cmdline()[:6]) for p in family if p.is_running()]
-            warnings.warn(f"still running 30 s after {sig!r}: {running}", stacklevel=2)
+            warnings.warn(f"still running {STOP_S} s after {sig!r}: {running}", stacklevel=2)
             kill_tree(proc)
+        time.sleep(0.2)
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -138,9 +163,13 @@ def kill_tree(proc: subprocess.Popen) -> None:
     sessions of their own): what losing the worker's machine does."""
     import psutil
 
-    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:  # it exited meanwhile
+        return
     for p in family:
-        p.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     psutil.wait_procs(family, timeout=30)
 
 
@@ -164,7 +193,7 @@ def params(src, dst, scheme) -> str:
 @pytest.mark.slow
 def test_worker_runs_the_quantize_deployment(tmp_path, deployed):
     src = build_checkpoint(tmp_path / "src", "deepseek_v3", shards=3)
-    worker = start("prefect worker start --pool ptqflow", deployed)
+    worker = start("prefect worker start --pool ptqflow", deployed, tmp_path / "worker.log")
     try:
         out = sh(
             f"prefect deployment run quantize-checkpoint/quantize "
@@ -190,7 +219,7 @@ def test_killed_worker_then_flow_run_retry_reuses_finished_shards(tmp_path, depl
 
     src = make_checkpoint(tmp_path / "src", size_gb=0.3, shard_gb=0.025, hidden=1024)
     out = tmp_path / "out"
-    worker = start("prefect worker start --pool ptqflow", deployed)
+    worker = start("prefect worker start --pool ptqflow", deployed, tmp_path / "lost.log")
     run = sh(
         f"prefect deployment run quantize-checkpoint/quantize {params(src, out, 'NVFP4A16')}",
         deployed,
@@ -232,39 +261,16 @@ def test_killed_worker_then_flow_run_retry_reuses_finished_shards(tmp_path, depl
 def test_ptqflow_on_an_existing_server_and_dask_cluster(tmp_path, server):
     """`ptqflow quantize ... --task-runner dask --dask-address tcp://...` against one server."""
     port = free_port()
-    scheduler = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distributed.cli.dask_scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-dashboard",
-        ],
-        env=server,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    dask = f"{sys.executable} -m distributed.cli"
+    scheduler = start(
+        f"{dask}.dask_scheduler --host 127.0.0.1 --port {port} --no-dashboard",
+        server,
+        tmp_path / "scheduler.log",
     )
-    workers = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distributed.cli.dask_worker",
-            f"tcp://127.0.0.1:{port}",
-            "--nworkers",
-            "2",
-            "--nthreads",
-            "2",
-            "--no-dashboard",
-        ],
-        cwd=ROOT,
-        env=server,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    workers = start(
+        f"{dask}.dask_worker tcp://127.0.0.1:{port} --nworkers 2 --nthreads 2 --no-dashboard",
+        server,
+        tmp_path / "workers.log",
     )
     try:
         src = build_checkpoint(tmp_path / "src", "qwen3_moe", shards=3)
@@ -289,7 +295,7 @@ def test_ptqflow_serve(tmp_path):
 
 def serve_and_run(tmp_path: Path, server: dict) -> None:
     src = build_checkpoint(tmp_path / "src", "llama", shards=2)
-    served = start("ptqflow serve", server)
+    served = start("ptqflow serve", server, tmp_path / "serve.log")
     try:
         wanted = {
             "quantize-checkpoint/quantize",
@@ -346,7 +352,7 @@ def test_worker_runs_the_verify_deployment(tmp_path, deployed):
     damaged = "model.layers.0.mlp.down_proj.weight"
     flip_byte(bad, damaged)
     run = "prefect deployment run verify-checkpoint/verify -p source={} -p quantized={} --watch"
-    worker = start("prefect worker start --pool ptqflow", deployed)
+    worker = start("prefect worker start --pool ptqflow", deployed, tmp_path / "worker.log")
     try:
         assert "Completed" in sh(run.format(src, good), deployed)
         failed = attempt(run.format(src, bad), deployed)
