@@ -29,6 +29,7 @@ __all__ = [
     "FP8",
     "INT",
     "QuantKind",
+    "fp4_codes",
     "fp4_values",
     "kind_of",
     "scheme_format",
@@ -113,12 +114,18 @@ FP4_STEPS = (
 FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
-def fp4_values(y: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors' cast_to_fp4 of y: the nearest FP4 value, ties to the even code."""
-    a = y.abs()
+def fp4_codes(a: torch.Tensor) -> torch.Tensor:
+    """The FP4 magnitude code (0-7, uint8) of each |x| in `a`: the number of boundaries below it.
+    The numba kernels write the same steps out by hand; their tests try every bfloat16 value."""
     code = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
     for boundary, up in FP4_STEPS:
         code += a >= boundary if up else a > boundary
+    return code
+
+
+def fp4_values(y: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' cast_to_fp4 of y: the nearest FP4 value, ties to the even code."""
+    code = fp4_codes(y.abs())
     magnitude = torch.tensor(FP4_MAGNITUDES, dtype=y.dtype, device=y.device)[code.long()]
     return torch.where(y < 0, -magnitude, magnitude)
 

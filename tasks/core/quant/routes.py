@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from tasks.core.quant.geometry import kernel_handles
-from tasks.core.quant.kinds import FP4, FP4_STEPS, FP8, INT, QuantKind, kind_of, scheme_format
+from tasks.core.quant.kinds import FP4, FP8, INT, QuantKind, fp4_codes, kind_of, scheme_format
 
 __all__ = ["Tensors", "compress_function"]
 
@@ -95,10 +95,7 @@ def _fp4_packed(x, scale: torch.Tensor, global_scale: torch.Tensor, args, into=N
     if packed is not None:
         return packed
     q = _divide(x, divisor, args).clamp_(-6.0, 6.0)
-    a = q.abs()
-    code = (q < 0).to(torch.uint8).mul_(8)
-    for boundary, up in FP4_STEPS:
-        code += a >= boundary if up else a > boundary
+    code = fp4_codes(q.abs()).add_((q < 0).to(torch.uint8).mul_(8))
     pairs = code.view(code.shape[0], -1, 2)
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
