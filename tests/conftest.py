@@ -1,7 +1,15 @@
 """Test settings: a private PREFECT_HOME, no analytics, and one Prefect test server per session."""
 
 import os
+import signal
 import tempfile
+
+# A suite started in the background by a script (`bash .ci/run &`, nohup) inherits an ignored
+# SIGINT, and so does every process it starts. `prefect worker start` stops on SIGTERM by sending
+# itself SIGINT, so with SIGINT ignored it never stops. Give the suite a terminal's SIGINT; the
+# processes it starts then get the default one.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _home = tempfile.mkdtemp(prefix="ptqflow-prefect-")
 os.environ["PREFECT_HOME"] = _home
