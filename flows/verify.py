@@ -8,8 +8,7 @@ from prefect import State, flow
 from prefect.states import Failed
 
 from flows.options import VERIFY
-from storage.errors import PtqflowError
-from tasks.core.verify import VerifyResult
+from tasks.core.verify import VerifyFailed, VerifyResult
 from tasks.verify import verify_task
 
 described, DEFAULTS = VERIFY.described, VERIFY.defaults
@@ -44,17 +43,11 @@ def verify_checkpoint(
         fail=False,
     )
     if not result.ok:
-        # a Failed state, not an exception: the run fails without a traceback in its logs
-        return Failed(message=result.message, data=result)
+        # a Failed state, not a raise: the flow's own logs carry no traceback
+        return Failed(message=result.message, data=VerifyFailed(result))
     return result
 
 
 def run_verify(**params) -> VerifyResult:
-    """Run the flow; a failed verification raises PtqflowError with its message."""
-    state = verify_checkpoint(**params, return_state=True)
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, BaseException):
-        raise result
-    if not result.ok:
-        raise PtqflowError(result.message)
-    return result
+    """Run the flow; a failed verification raises VerifyFailed (a PtqflowError) with its message."""
+    return verify_checkpoint(**params, return_state=True).result()

@@ -364,6 +364,9 @@ def test_worker_runs_the_verify_deployment(tmp_path, deployed):
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(flow_run_id(output)).state
     assert state.is_failed() and damaged in state.message, state
+    # the engine raises the Failed state's data: ptqflow's error, not a TypeError about it
+    log = (tmp_path / "worker.log").read_text()
+    assert "VerifyFailed: " in log and "TypeError" not in log, log[-3000:]
     assert (good / ".ptqflow/verify/report.md").read_text().startswith("# ptqflow verify: PASSED")
     assert damaged in (bad / ".ptqflow/verify/report.md").read_text()
 

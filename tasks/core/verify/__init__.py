@@ -32,7 +32,13 @@ from tasks.core.verify.files import LocalFiles
 from tasks.core.verify.integrity import check_integrity, open_quantized
 from tasks.core.verify.layout import vllm_layout
 from tasks.core.verify.logits import compare_logits, model_files
-from tasks.core.verify.records import Integrity, TensorResult, Verification, VerifyResult
+from tasks.core.verify.records import (
+    Integrity,
+    TensorResult,
+    Verification,
+    VerifyFailed,
+    VerifyResult,
+)
 from tasks.core.verify.report import (
     default_report_dir,
     failure_message,
@@ -45,6 +51,7 @@ __all__ = [
     "Integrity",
     "TensorResult",
     "Verification",
+    "VerifyFailed",
     "VerifyResult",
     "check_accuracy",
     "check_exactness",

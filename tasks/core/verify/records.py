@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from storage.errors import PtqflowError
 from tasks.core.records import Plan, Read
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Integrity",
     "TensorResult",
     "Verification",
+    "VerifyFailed",
     "VerifyResult",
 ]
 
@@ -89,6 +91,19 @@ class VerifyResult:
     report: str
     plot: str
     by_group: dict[str, TensorResult] = field(default_factory=dict)  # each group's worst
+
+
+class VerifyFailed(PtqflowError):
+    """A verification that found problems, as the verify flow's Failed state carries it:
+    Prefect raises a failed run's data when its result is asked for (a deployment's engine
+    always asks), so the data is this error, and `result` holds the whole VerifyResult."""
+
+    def __init__(self, result: VerifyResult):
+        super().__init__(result.message)
+        self.result = result
+
+    def __reduce__(self):
+        return (VerifyFailed, (self.result,))
 
 
 @dataclass
