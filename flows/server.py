@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -96,16 +97,16 @@ def background(
     process group on Ctrl-C reaches only this process, which ends the run while
     the server still records it.
 
-    Its stderr goes to a temporary file, never a pipe: nobody reads the pipe while
+    Its output goes to a temporary file, never a pipe: nobody reads the pipe while
     it runs, and a full one (64 KiB) would block it. If it exits before it is
-    ready, the error shows the end of that stderr.
+    ready, the error shows the end of that output.
     """
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
             argv,
             env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
+            stdout=err,
+            stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             start_new_session=True,  # a terminal's Ctrl-C stops the run, which then stops it
         )
@@ -134,18 +135,35 @@ def _tail(f, size: int = 2000) -> str:
     return f.read().decode(errors="replace")
 
 
+PORT_TRIES = 3
+PORT_TAKEN = "already in use"  # prefect's own check, or uvicorn's bind
+
+
 @contextlib.contextmanager
 def server_process(timeout: float = 120.0) -> Iterator[str]:
     """`prefect server start` on 127.0.0.1 for the duration; yields its API URL.
-    Imports no Prefect, so a benchmark's parent process stays small."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
+    Imports no Prefect, so a benchmark's parent process stays small.
+
+    The port is free when chosen, but the server binds it seconds later: a connection
+    another process opens meanwhile may take it as its local port. The server then
+    exits at once, and another port is tried (PORT_TRIES in all)."""
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "0"}
-    options = f"--host 127.0.0.1 --port {port} --no-services".split()
-    argv = [sys.executable, "-m", "prefect", "server", "start", *options]
-    what = f"prefect server on port {port}"
-    with background(argv, lambda: healthy(url), timeout=timeout, what=what, env=env):
-        yield url
+    for tries_left in reversed(range(PORT_TRIES)):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/api"
+        options = f"--host 127.0.0.1 --port {port} --no-services".split()
+        argv = [sys.executable, "-m", "prefect", "server", "start", *options]
+        what = f"prefect server on port {port}"
+        ready = functools.partial(healthy, url)
+        started = False
+        try:
+            with background(argv, ready, timeout=timeout, what=what, env=env):
+                started = True
+                yield url
+            return
+        except RuntimeError as e:
+            if started or not tries_left or PORT_TAKEN not in str(e).lower():
+                raise
 
 
 @contextlib.contextmanager

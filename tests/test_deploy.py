@@ -371,6 +371,25 @@ def test_worker_runs_the_verify_deployment(tmp_path, deployed):
     assert damaged in (bad / ".ptqflow/verify/report.md").read_text()
 
 
+@pytest.mark.slow
+def test_a_port_taken_before_the_server_binds_it_is_tried_again(monkeypatch):
+    """flows.server chooses a free port and the server binds it seconds later; a port taken
+    meanwhile (here by a listening socket) makes the server exit, and another is tried."""
+    import socket
+
+    import flows.server
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        chosen = [taken, free_port()]
+        ports = iter(chosen)
+        monkeypatch.setattr(flows.server, "free_port", lambda: next(ports))
+        with flows.server.server_process() as url:
+            assert url == f"http://127.0.0.1:{chosen[1]}/api" and healthy(url), url
+
+
 def test_a_server_writing_much_to_stderr_does_not_block(tmp_path):
     """flows.server's background process: stderr is never a pipe nobody reads (64 KiB would
     block the writer), and its end is in the error when the process dies before it is ready."""
