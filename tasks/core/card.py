@@ -29,6 +29,7 @@ __all__ = [
     "check_card",
     "known_scheme_tags",
     "hub_repo",
+    "model_ref",
     "scheme_tags",
     "serve_command",
     "speculative_config",
@@ -91,7 +92,8 @@ def check_card(text: str, quantization_config: dict) -> str | None:
     if "ptqflow" not in tags:
         return None
     want = scheme_tags(quantization_config.get("config_groups") or {})
-    named = [t for t in tags if t in known_scheme_tags()]
+    known = known_scheme_tags()
+    named = [t for t in tags if t in known]
     if sorted(named) != sorted(want):
         return (
             f"{README} names scheme(s) {', '.join(named) or 'none'}, but config.json's "
@@ -141,11 +143,15 @@ def speculative_config(model_config: dict) -> str | None:
     return None
 
 
-def serve_command(dest: str, model_config: dict) -> str:
-    """The `vllm serve` line for the output at `dest` (a Hub repo's id, else its path)."""
+def model_ref(dest: str) -> str:
+    """What vLLM and transformers load the output at `dest` by: a Hub repo's id, else its path."""
     hub = hub_repo(dest)
-    model = hub[0] if hub else dest
-    line = f"vllm serve {shlex.quote(model)}"
+    return hub[0] if hub else dest
+
+
+def serve_command(dest: str, model_config: dict) -> str:
+    """The `vllm serve` line for the output at `dest`."""
+    line = f"vllm serve {shlex.quote(model_ref(dest))}"
     spec = speculative_config(model_config)
     return f"{line} --speculative-config {shlex.quote(spec)}" if spec else line
 
@@ -219,7 +225,7 @@ def card_text(
         tags=["compressed-tensors", *scheme_tags(groups), "ptqflow"],
         **{k: v for k, v in carried.items() if v},
     )
-    name = (hub_repo(dest) or (dest.rstrip("/"), None))[0].rpartition("/")[2]
+    name = model_ref(dest).rstrip("/").rpartition("/")[2]
     what = f"[{hub[0]}](https://huggingface.co/{hub[0]})" if hub else f"`{source.url}`"
     lines = [
         f"# {name}",
@@ -283,7 +289,6 @@ def card_text(
                 f"| {g} | {t.rel_error:.4g} | {t.limit:.4g} | `{t.name}` |"
                 for g, t in sorted(verified.by_group.items())
             ]
-    model = (hub_repo(dest) or (dest, None))[0]
     lines += [
         "",
         "## Serve",
@@ -295,7 +300,7 @@ def card_text(
         "```python",
         "from transformers import AutoModelForCausalLM",
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{model}", dtype="auto")',
+        f'model = AutoModelForCausalLM.from_pretrained("{model_ref(dest)}", dtype="auto")',
         "```",
     ]
     if original is not None and original.text.strip():
